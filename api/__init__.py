@@ -1,0 +1,1 @@
+"""The FastAPI service answering predictive-uncertainty queries (imports zoo, never the reverse)."""
