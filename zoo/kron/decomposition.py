@@ -1,0 +1,201 @@
+"""The decomposed form every KronPrecision operation runs on.
+
+A precision over an (out × in) weight is held as
+
+    Λ = (B_in ⊗ B_out) · diag(vec D) · (B_in ⊗ B_out)ᵀ,   B = T⁻ᵀ,   D = Σ_j w_j · c_out_j c_in_jᵀ  (out × in)
+
+so that, with vec(W) = (T_in ⊗ T_out) u, the precision of u is the diagonal D (METHOD.md §4). Orthogonal bases
+(eigenvectors) have B = T. Solves, samples, log-determinants, traces and KL terms are then a few factor-sized
+matmuls; nothing d × d is ever built except in `dense()`, which exists for tests.
+
+Rescaling the terms only changes the weights w, so temperatures and fitted scales never decompose again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+from zoo.errors import InvalidFactorError, SingularPrecisionError
+
+
+@dataclass(frozen=True)
+class Basis:
+    """One side's coordinates: T (n × n), its inverse transpose B (None when T is orthogonal) and log|det T|."""
+
+    T: Tensor
+    B: Tensor | None
+    logabsdet: float
+
+    @property
+    def cobasis(self) -> Tensor:
+        return self.T if self.B is None else self.B
+
+    @property
+    def orthogonal(self) -> bool:
+        return self.B is None
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Basis:
+        return Basis(self.T.to(device=device, dtype=dtype), None if self.B is None else self.B.to(device, dtype),
+                     self.logabsdet)
+
+
+@dataclass(frozen=True)
+class Decomposition:
+    """Diagonal coordinates of a Kronecker-factored precision (see the module docstring).
+
+    `term_index[j]` says which input term row j stands for, -1 for the damping identity, so that new scales
+    map onto new weights without decomposing again.
+    """
+
+    side_in: Basis
+    side_out: Basis
+    coords_in: Tensor  # (J, in)
+    coords_out: Tensor  # (J, out)
+    weights: Tensor  # (J,)
+    term_index: tuple[int, ...]
+
+    # ---- structure -------------------------------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.coords_out.shape[1], self.coords_in.shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.side_in.T.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.side_in.T.device
+
+    def diagonal(self) -> Tensor:
+        """D (out × in): the precision in the decomposed coordinates."""
+        return torch.einsum("j,jo,ji->oi", self.weights, self.coords_out, self.coords_in)
+
+    def reweighted(self, weights: Tensor) -> Decomposition:
+        return replace(self, weights=weights.to(self.weights))
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Decomposition:
+        return Decomposition(
+            self.side_in.to(device, dtype), self.side_out.to(device, dtype),
+            self.coords_in.to(device, dtype), self.coords_out.to(device, dtype),
+            self.weights.to(device, dtype), self.term_index,
+        )
+
+    def positive_diagonal(self) -> Tensor:
+        """D, checked to be strictly positive: operations needing Λ⁻¹ call this."""
+        d = self.diagonal()
+        if not bool((d > 0).all()):
+            raise SingularPrecisionError(
+                "the precision is singular (rank-deficient factors and no damping); "
+                "add damping > 0 or a full-rank prior term before inverting, sampling or taking log det"
+            )
+        return d
+
+    # ---- operations ------------------------------------------------------------------------------------------
+    def dense(self) -> Tensor:
+        """The d × d precision (tests only)."""
+        b = torch.kron(self.side_in.cobasis, self.side_out.cobasis)
+        diag = self.diagonal().T.reshape(-1)
+        return (b * diag) @ b.T
+
+    def logdet(self) -> Tensor:
+        out, inn = self.shape
+        d = self.positive_diagonal()
+        return d.log().sum() - 2 * (out * self.side_in.logabsdet + inn * self.side_out.logabsdet)
+
+    def to_coords(self, v: Tensor) -> Tensor:
+        """(T_in ⊗ T_out)ᵀ vec(V), batched over leading dims."""
+        return self.side_out.T.mT @ v @ self.side_in.T
+
+    def from_coords(self, u: Tensor) -> Tensor:
+        """(T_in ⊗ T_out) vec(U), batched over leading dims."""
+        return self.side_out.T @ u @ self.side_in.T.mT
+
+    def solve(self, v: Tensor) -> Tensor:
+        return self.from_coords(self.to_coords(v) / self.positive_diagonal())
+
+    def quadratic(self, v: Tensor) -> Tensor:
+        y = self.side_out.cobasis.mT @ v @ self.side_in.cobasis
+        return (self.diagonal() * y.square()).sum(dim=(-2, -1))
+
+    def trace_inv(self, a: Tensor, g: Tensor) -> Tensor:
+        """tr((A ⊗ G) Λ⁻¹) = Σ_oi diag(T_outᵀ G T_out)_o · diag(T_inᵀ A T_in)_i / D_oi."""
+        da = _diag_congruence(a, self.side_in.T)
+        dg = _diag_congruence(g, self.side_out.T)
+        return dg @ (1.0 / self.positive_diagonal()) @ da
+
+    def trace_inv_identity(self) -> Tensor:
+        """tr(Λ⁻¹), the damping part of a trace."""
+        da = self.side_in.T.square().sum(0)
+        dg = self.side_out.T.square().sum(0)
+        return dg @ (1.0 / self.positive_diagonal()) @ da
+
+    def sample(self, n: int, generator: torch.Generator | None, dtype: torch.dtype | None = None) -> Tensor:
+        """n draws from N(0, Λ⁻¹): Z scaled by D^{-1/2}, rotated once per side (2 matmuls)."""
+        out, inn = self.shape
+        dt = dtype or self.dtype
+        scale = self.positive_diagonal().rsqrt().to(dt)
+        z = torch.randn((n, out, inn), generator=generator, dtype=dt, device=self.device)
+        return self.side_out.T.to(dt) @ (z * scale) @ self.side_in.T.to(dt).mT
+
+
+def _diag_congruence(x: Tensor, t: Tensor) -> Tensor:
+    """diag(Tᵀ X T) in one matmul."""
+    return ((x @ t) * t).sum(0)
+
+
+def mixed_trace(p: Decomposition, q: Decomposition) -> Tensor:
+    """tr(Λ_p Λ_q⁻¹) from two decompositions: Σ D_p ⊙ (M_out∘M_out)(1/D_q)(M_in∘M_in)ᵀ, M = B_pᵀ T_q."""
+    inv_q = 1.0 / q.positive_diagonal()
+    d_p = p.diagonal()
+    m_in = _cross(p.side_in, q.side_in)
+    m_out = _cross(p.side_out, q.side_out)
+    if m_in is None and m_out is None:
+        return (d_p * inv_q).sum()
+    mid = inv_q if m_out is None else m_out.square() @ inv_q
+    mid = mid if m_in is None else mid @ m_in.square().T
+    return (d_p * mid).sum()
+
+
+def _cross(p: Basis, q: Basis) -> Tensor | None:
+    """B_pᵀ T_q, or None when both sides share one orthogonal basis (then it is I)."""
+    if p.orthogonal and q.orthogonal and p.T is q.T:
+        return None
+    return p.cobasis.T @ q.T
+
+
+def frobenius_inner_terms(dec: Decomposition, a: Tensor, g: Tensor) -> Tensor:
+    """⟨Λ_dec, A ⊗ G⟩_F = Σ_oi D_oi · (B_inᵀ A B_in)_ii · (B_outᵀ G B_out)_oo."""
+    da = _diag_congruence(a, dec.side_in.cobasis)
+    dg = _diag_congruence(g, dec.side_out.cobasis)
+    return dg @ dec.diagonal() @ da
+
+
+def frobenius_norm_sq(dec: Decomposition) -> Tensor:
+    """‖Λ_dec‖²_F = Σ D ⊙ (K_out∘K_out) D (K_in∘K_in), K = BᵀB (the identity for orthogonal bases)."""
+    d = dec.diagonal()
+    if dec.side_in.orthogonal and dec.side_out.orthogonal:
+        return d.square().sum()
+    k_in = dec.side_in.cobasis.T @ dec.side_in.cobasis
+    k_out = dec.side_out.cobasis.T @ dec.side_out.cobasis
+    return (d * (k_out.square() @ d @ k_in.square())).sum()
+
+
+def check_shapes(dec: Decomposition, out: int, inn: int) -> None:
+    """Imported decompositions must fit the layer they claim to describe."""
+    ok = (
+        dec.side_in.T.shape == (inn, inn)
+        and dec.side_out.T.shape == (out, out)
+        and (dec.side_in.B is None or dec.side_in.B.shape == (inn, inn))
+        and (dec.side_out.B is None or dec.side_out.B.shape == (out, out))
+        and dec.coords_in.shape[1:] == (inn,)
+        and dec.coords_out.shape[1:] == (out,)
+        and dec.coords_in.shape[0] == dec.coords_out.shape[0] == dec.weights.shape[0] == len(dec.term_index)
+    )
+    if not ok:
+        raise InvalidFactorError(
+            f"stored decomposition does not fit an {out}×{inn} layer; the artifact is corrupt or for another model"
+        )
