@@ -157,7 +157,7 @@ def approx_cases(method: str) -> list[KronPrecision]:
     ]
 
 
-@pytest.mark.parametrize("method", ["eigenbasis", "kronecker"])
+@pytest.mark.parametrize("method", ["eigenbasis", "kronecker", "ekfac"])
 def test_approximation_reports_its_dense_error(method: str) -> None:
     for p in approx_cases(method):
         assert not p.is_exact
@@ -180,6 +180,11 @@ def test_nearest_kronecker_is_the_svd_optimum() -> None:
     s = torch.linalg.svdvals(r)
     best = math.sqrt((s[1:] ** 2).sum().item()) / target.norm().item()
     assert abs(p.approximation_error - best) < 1e-8
+
+
+def test_ekfac_refit_never_loses_to_the_nearest_kronecker_product() -> None:
+    for ek, kr in zip(approx_cases("ekfac"), approx_cases("kronecker"), strict=True):
+        assert ek.approximation_error <= kr.approximation_error + 1e-9
 
 
 def test_eigenbasis_keeps_the_prior_exact() -> None:
@@ -276,7 +281,7 @@ def test_round_trip_through_plain_tensors_needs_no_decomposition(monkeypatch: py
     from safetensors.torch import load as st_load
     from safetensors.torch import save as st_save
 
-    for p in [*exact_cases(3, 4), *approx_cases("eigenbasis"), *approx_cases("kronecker")]:
+    for p in [*exact_cases(3, 4), *approx_cases("eigenbasis"), *approx_cases("kronecker"), *approx_cases("ekfac")]:
         tensors = st_load(st_save(p.to_tensors()))
         with monkeypatch.context() as m:
             m.setattr(torch.linalg, "eigh", _no_eigh)
