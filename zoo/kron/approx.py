@@ -108,7 +108,7 @@ def kronecker(
     if damping > 0:
         a_all.append(torch.eye(a[0].shape[0], dtype=a[0].dtype, device=a[0].device))
         g_all.append(torch.eye(g[0].shape[0], dtype=g[0].dtype, device=g[0].device))
-        w = torch.cat([w, torch.tensor([damping], dtype=w.dtype)])
+        w = torch.cat([w, torch.tensor([damping], dtype=w.dtype, device=w.device)])
     a_hat, g_hat = nearest_kronecker(a_all, g_all, w)
     ea, eg = eigh_psd(a_hat, "Â", rtol), eigh_psd(g_hat, "Ĝ", rtol)
     return single_term(ea, eg, 1.0, 0.0, index=-2), ea, eg
@@ -125,6 +125,7 @@ def ekfac(a: Sequence[Tensor], g: Sequence[Tensor], scales: Tensor, damping: flo
     if damping > 0:
         empty = Decomposition(
             side_in=nearest.side_in, side_out=nearest.side_out, coords_in=ones_in, coords_out=ones_out,
-            weights=torch.tensor([damping], dtype=nearest.weights.dtype), term_index=(-1,),
+            weights=torch.tensor([damping], dtype=nearest.weights.dtype, device=nearest.weights.device),
+            term_index=(-1,),
         )
     return with_diagonal_terms(empty, a, g, scales, list(range(len(a))))

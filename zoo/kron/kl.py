@@ -55,3 +55,21 @@ def kl_divergence(mean_q: Tensor, p_q: KronPrecision, mean_p: Tensor, p_p: KronP
             )
         kl = kl - kl.detach()  # rounding of an exact zero: report 0 (gradient kept)
     return kl
+
+
+def kl_to_isotropic(mean_q: Tensor, p_q: KronPrecision, lam: float) -> Tensor:
+    """KL(N(mean_q, P_q⁻¹) ‖ N(0, λ⁻¹I)) = ½ [λ tr(Λ⁻¹) + λ‖m‖² − d + log det Λ − d log λ], on factors only."""
+    if not (math.isfinite(lam) and lam > 0):
+        raise InvalidFactorError(f"the isotropic precision λ must be positive and finite, got {lam}")
+    if not isinstance(mean_q, Tensor) or tuple(mean_q.shape) != p_q.shape:
+        raise InvalidFactorError(f"mean_q must have shape {p_q.shape}")
+    dec = p_q.decomposition()
+    m = mean_q.to(p_q.device, torch.float64)
+    d = p_q.dim
+    kl = 0.5 * (lam * dec.trace_inv_identity() + lam * m.square().sum() - d + dec.logdet() - d * math.log(lam))
+    value = kl.item()
+    if not math.isfinite(value):
+        raise NumericalError(f"KL to the isotropic reference is {value}; check scales and damping")
+    if value < -KL_ROUNDING_RTOL * (d + abs(dec.logdet().item()) + abs(d * math.log(lam))):
+        raise NumericalError(f"KL to the isotropic reference came out negative ({value:.3g}); report this")
+    return kl

@@ -109,6 +109,10 @@ class KronPrecision:
             cache[k] = exact.eigh_psd(factors[k], f"{side}[{k}]", self._rtol)
         return cache[k]
 
+    def factor_eigh(self, k: int = 0) -> tuple[Eigh, Eigh]:
+        """float64 eigendecompositions (values, vectors) of term k's A and G, computed once and stored with it."""
+        return self._eigh("A", k), self._eigh("G", k)
+
     def decomposition(self) -> Decomposition:
         """The decomposed form all operations use, computed once (float64)."""
         if self._dec is None:
