@@ -337,3 +337,15 @@ def test_float32_rounding_is_tolerated_but_not_indefiniteness() -> None:
     assert math.isfinite(p.logdet().item())
     with pytest.raises(InvalidFactorError, match="positive semi-definite"):
         KronPrecision([(a32 - 0.1 * torch.eye(50), torch.eye(2))])
+
+
+def test_kl_to_isotropic_matches_dense() -> None:
+    from zoo.kron import kl_to_isotropic
+
+    p = KronPrecision([(spd(4, rank=2), spd(3))], [2.0], damping=0.5)
+    m = torch.randn(3, 4, dtype=F64, generator=torch.Generator().manual_seed(1))
+    lam = 0.7
+    ref = dense_kl(m, p.dense(), torch.zeros(3, 4, dtype=F64), lam * torch.eye(12, dtype=F64))
+    assert abs(kl_to_isotropic(m, p, lam).item() - ref) < 1e-10 * max(1.0, ref)
+    with pytest.raises(ZooError):
+        kl_to_isotropic(m, p, 0.0)
