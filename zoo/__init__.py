@@ -16,6 +16,17 @@ from zoo.errors import (
 
 __version__ = "0.1.0"
 
+_LAZY = {"build_prior": "zoo.build", "load": "zoo.loading", "Prior": "zoo.prior"}
+
+
+def __getattr__(name: str) -> object:
+    """Import the heavy entry points (torch, timm) on first use, so `zoo --help` stays fast."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'zoo' has no attribute {name!r}")
+
 __all__ = [
     "ArtifactError",
     "ConfigError",
@@ -24,7 +35,10 @@ __all__ = [
     "InvalidFactorError",
     "ModelError",
     "NumericalError",
+    "Prior",
     "SingularPrecisionError",
     "ZooError",
     "__version__",
+    "build_prior",
+    "load",
 ]

@@ -1,0 +1,220 @@
+"""The hub repository of a prior or posterior (DESIGN.md contract): safetensors and JSON only.
+
+    config.json          timm's config, so timm alone loads the weights
+    model.safetensors    the mean
+    prior.safetensors    factors, stored eigendecompositions and diagonal precisions (float32, scalars float64);
+                         its header holds the metadata as JSON under "prior_zoo"
+    prior_config.json    the same metadata plus the sha256 of both safetensors files
+    README.md            the model card
+
+Loading is lazy (`safe_open`, one layer at a time on first use), verifies both hashes, and checks every layer's
+shape against the model before a single tensor is used. Nothing is pickled and nothing runs code on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from zoo.errors import ArtifactError
+from zoo.kron import KronPrecision
+from zoo.layers import DiagLayer, IsoLayer, KronLayer, Layer
+from zoo.prior import LazyLayers, Prior
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+PRIOR = "prior.safetensors"
+PRIOR_CONFIG = "prior_config.json"
+CARD = "README.md"
+META_KEY = "prior_zoo"
+SEP = "::"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _layer_index(prior: Prior) -> dict[str, dict[str, Any]]:
+    """What each layer is, readable without opening the tensors (used to check shapes and to load lazily)."""
+    index: dict[str, dict[str, Any]] = {}
+    for name, layer in prior.layers.items():
+        if isinstance(layer, KronLayer):
+            index[name] = {"kind": "kron", "params": list(layer.params), "shape": list(layer.precision.shape),
+                           "terms": len(layer.precision.terms)}
+        elif isinstance(layer, DiagLayer):
+            index[name] = {"kind": "diag", "params": {k: list(v.shape) for k, v in layer.precision.items()}}
+        else:
+            index[name] = {"kind": "iso", "params": list(layer.params), "lambda": layer.lam}
+    return index
+
+
+def _layer_tensors(name: str, layer: Layer) -> dict[str, Tensor]:
+    if isinstance(layer, KronLayer):
+        p = layer.precision
+        p.factor_eigh()  # stored so that loading never eigendecomposes
+        tensors = p.to_tensors(decompose=len(p.terms) > 1)
+    elif isinstance(layer, DiagLayer):
+        tensors = {f"diag.{k}": v for k, v in layer.precision.items()}
+    else:
+        return {}
+    out = {}
+    for key, value in tensors.items():
+        keep64 = value.numel() <= 1 or key in ("scales", "dec.weights", "dec.term_index")
+        out[f"{name}{SEP}{key}"] = (value if keep64 or not value.is_floating_point() else value.float()).contiguous()
+    return out
+
+
+def save_prior(prior: Prior, directory: str | os.PathLike[str], model: nn.Module) -> Path:
+    """Write the repository atomically: into a temporary sibling directory, then renamed into place."""
+    from timm.models import save_for_hf
+
+    from zoo.card import write_card
+
+    target = Path(directory)
+    _check_mean_is_model(prior, model)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        save_for_hf(model, str(tmp), safe_serialization=True)
+        meta = dict(prior.meta)
+        meta["model_sha256"] = sha256_file(tmp / WEIGHTS)
+        meta["layers"] = _layer_index(prior)
+        tensors: dict[str, Tensor] = {}
+        for name, layer in prior.layers.items():
+            tensors.update(_layer_tensors(name, layer))
+        for key, value in prior.mean.items():
+            if not any(key == f"{n}.{p}" or (not n and key == p) for n, p in _iso_params(prior)):
+                continue
+            tensors[f"mean{SEP}{key}"] = value.contiguous()  # a new head's mean is not in model.safetensors
+        save_file(tensors, str(tmp / PRIOR), metadata={META_KEY: json.dumps(meta)})
+        config = dict(meta, prior_sha256=sha256_file(tmp / PRIOR))
+        (tmp / PRIOR_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
+        write_card(tmp, config)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    prior.meta = {k: v for k, v in config.items() if k not in ("layers", "prior_sha256")}
+    return target
+
+
+def _check_mean_is_model(prior: Prior, model: nn.Module) -> None:
+    """model.safetensors holds the mean, so the model passed to save must carry exactly the prior's mean."""
+    iso = {f"{n}.{p}" if n else p for n, p in _iso_params(prior)}
+    params = dict(model.named_parameters())
+    for key, value in prior.mean.items():
+        if key in iso:
+            continue
+        if key not in params or params[key].shape != value.shape or not params[key].detach().cpu().equal(value.cpu()):
+            raise ArtifactError(f"the model's {key} differs from the prior's mean; save with the model the prior "
+                                "was built from (or the posterior's own model)")
+
+
+def _iso_params(prior: Prior) -> list[tuple[str, str]]:
+    return [(n, p) for n, layer in prior.layers.items() if isinstance(layer, IsoLayer) for p in layer.params]
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    path = directory / PRIOR_CONFIG
+    if not path.is_file():
+        raise ArtifactError(f"{directory} has no {PRIOR_CONFIG}; it is not a prior-zoo repository (build one with "
+                            "`zoo build` or pass the directory that `prior.save` wrote)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ArtifactError(f"{path} is not valid JSON ({err}); the download is corrupt, pull it again") from err
+
+
+def verify_hashes(directory: Path, config: dict[str, Any]) -> None:
+    """Refuse tampered or mismatched files: both safetensors files must hash to what prior_config.json says."""
+    for filename, key in ((WEIGHTS, "model_sha256"), (PRIOR, "prior_sha256")):
+        path = directory / filename
+        if not path.is_file():
+            raise ArtifactError(f"{directory} is missing {filename}; pull the repository again")
+        expected = config.get(key)
+        if not expected or sha256_file(path) != expected:
+            raise ArtifactError(f"{filename} in {directory} does not match the sha256 in {PRIOR_CONFIG}: the file "
+                                "was modified or mixed from another build; pull or rebuild it")
+
+
+def check_shapes(config: dict[str, Any], model: nn.Module) -> None:
+    """Every layer of the artifact must exist in the model with matching parameter shapes."""
+    modules = dict(model.named_modules())
+    for name, entry in config.get("layers", {}).items():
+        module = modules.get(name)
+        if module is None:
+            raise ArtifactError(f"the prior has a layer {name!r} that the model lacks; it was built for "
+                                f"{config.get('architecture')}, not this model")
+        own = dict(module.named_parameters(recurse=False))
+        if entry["kind"] == "kron":
+            weight = own.get("weight")
+            cols = 0 if weight is None else weight[0].numel() + ("bias" in entry["params"])
+            got = [0, 0] if weight is None else [weight.shape[0], cols]
+            if got != entry["shape"]:
+                raise ArtifactError(f"layer {name!r}: the prior is over {entry['shape']} but the model's "
+                                    f"[W | b] is {got}; wrong architecture or class count")
+        elif entry["kind"] == "diag":
+            for local, shape in entry["params"].items():
+                if local not in own or list(own[local].shape) != shape:
+                    raise ArtifactError(f"layer {name!r}.{local}: prior shape {shape} does not match the model")
+
+
+def load_prior(directory: str | os.PathLike[str], model: nn.Module, *, verify: bool = True) -> Prior:
+    """Open a repository lazily; the mean is the model's own parameters (load its weights first)."""
+    root = Path(directory)
+    config = read_config(root)
+    if config.get("format_version") != 1:
+        raise ArtifactError(f"unsupported format_version {config.get('format_version')}; upgrade prior-zoo")
+    if verify:
+        verify_hashes(root, config)
+    check_shapes(config, model)
+    handle = safe_open(str(root / PRIOR), framework="pt")
+    all_keys = list(handle.keys())
+    index = config["layers"]
+
+    def load(name: str) -> Layer:
+        entry = index[name]
+        prefix = f"{name}{SEP}"
+        if entry["kind"] == "iso":
+            return IsoLayer(float(entry["lambda"]), tuple(entry["params"]))
+        keys = [k for k in all_keys if k.startswith(prefix)]
+        tensors = {k[len(prefix):]: handle.get_tensor(k) for k in keys}
+        if entry["kind"] == "kron":
+            return KronLayer(KronPrecision.from_tensors(tensors), tuple(entry["params"]))
+        return DiagLayer({k[len("diag."):]: v.double() for k, v in tensors.items()})
+
+    mean = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+    for key in all_keys:
+        if key.startswith(f"mean{SEP}"):
+            mean[key[len(f"mean{SEP}"):]] = handle.get_tensor(key)
+    meta = {k: v for k, v in config.items() if k not in ("layers", "prior_sha256")}
+    return Prior(mean, LazyLayers(list(index), load), meta)
+
+
+def load_weights(directory: Path, model: nn.Module, config: dict[str, Any], *, verify: bool = True) -> None:
+    """Load model.safetensors into the model (shapes checked by load_state_dict, hash by verify_hashes)."""
+    from safetensors.torch import load_file
+
+    path = directory / WEIGHTS
+    if not path.is_file():
+        raise ArtifactError(f"{directory} is missing {WEIGHTS}; pull the repository again")
+    state = load_file(str(path))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ArtifactError(f"{WEIGHTS} does not fit {config.get('architecture')}: {str(err)[:300]}") from err

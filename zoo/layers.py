@@ -1,0 +1,58 @@
+"""How a module's parameters map onto the Gaussian blocks of a Prior (knows nn.Module; zoo.kron does not)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from zoo.kron import KronPrecision
+
+
+def kron_params(module: nn.Module) -> tuple[str, ...]:
+    """The parameters a K-FAC block covers: the weight, and the bias when it exists and is trained."""
+    bias = getattr(module, "bias", None)
+    return ("weight", "bias") if bias is not None and bias.requires_grad else ("weight",)
+
+
+def kron_matrix(module: nn.Module, params: tuple[str, ...] = ("weight", "bias")) -> Tensor:
+    """[W | b] as (out, in·kh·kw [+1]): the layout of a K-FAC block (bias as the last column), differentiable."""
+    w = module.weight.reshape(module.weight.shape[0], -1)
+    return torch.cat([w, module.bias[:, None]], dim=1) if "bias" in params else w
+
+
+def split_matrix(module: nn.Module, matrix: Tensor) -> dict[str, Tensor]:
+    """Inverse of kron_matrix: local parameter name → tensor shaped like that parameter."""
+    weight = module.weight
+    cols = weight[0].numel()
+    out = {"weight": matrix[:, :cols].reshape(weight.shape)}
+    if matrix.shape[1] > cols:
+        out["bias"] = matrix[:, cols]
+    return out
+
+
+@dataclass
+class KronLayer:
+    """A Linear / Conv2d's [W | b] ~ N(mean, precision⁻¹) with a Kronecker-factored precision."""
+
+    precision: KronPrecision
+    params: tuple[str, ...]  # local names, ("weight",) or ("weight", "bias")
+
+
+@dataclass
+class DiagLayer:
+    """Other parameters of a module: independent Gaussians, one precision per entry."""
+
+    precision: dict[str, Tensor]  # local name → elementwise precision, shaped like the parameter
+
+
+@dataclass
+class IsoLayer:
+    """A head without pretrained curvature (a new task's classifier): N(0, λ⁻¹I)."""
+
+    lam: float
+    params: tuple[str, ...]
+
+
+Layer = KronLayer | DiagLayer | IsoLayer

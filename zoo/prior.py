@@ -1,0 +1,164 @@
+"""zoo.Prior: a Gaussian over a whole timm model, one block per parameter-owning module (METHOD.md §1, §3)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from zoo.errors import ArtifactError, ModelError
+from zoo.kron import kl_divergence, kl_to_isotropic
+from zoo.layers import DiagLayer, IsoLayer, KronLayer, Layer, kron_matrix, split_matrix
+
+
+class LazyLayers(Mapping[str, Layer]):
+    """Layers loaded on first access, so opening a large prior reads nothing it does not use."""
+
+    def __init__(self, names: list[str], load: Callable[[str], Layer]) -> None:
+        self._names = names
+        self._load = load
+        self._cache: dict[str, Layer] = {}
+
+    def __getitem__(self, name: str) -> Layer:
+        if name not in self._cache:
+            if name not in self._names:
+                raise KeyError(name)
+            self._cache[name] = self._load(name)
+        return self._cache[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+class Prior:
+    """N(mean, Λ⁻¹) over a model's trainable parameters, block-diagonal over modules.
+
+    `mean` maps full parameter names to tensors, `layers` maps module names to KronLayer / DiagLayer / IsoLayer,
+    `meta` is the JSON metadata of the artifact (prior_config.json). A Posterior is a Prior too.
+    """
+
+    def __init__(self, mean: Mapping[str, Tensor], layers: Mapping[str, Layer], meta: dict[str, Any]) -> None:
+        self.mean = mean
+        self.layers = layers
+        self.meta = meta
+
+    def __repr__(self) -> str:
+        kind = self.meta.get("kind", "prior").capitalize()
+        name = self.meta.get("timm_name") or self.meta.get("architecture")
+        return f"{kind}({name}, {len(self.layers)} layers)"
+
+    def save(self, directory: str, *, model: nn.Module) -> Path:
+        """Write the hub repository (DESIGN.md format) for this prior with `model` carrying its mean."""
+        from zoo.artifact import save_prior
+
+        return save_prior(self, directory, model)
+
+    @classmethod
+    def load(cls, directory: str, *, model: nn.Module, verify: bool = True) -> Prior:
+        """Open a repository written by `save` (lazily; hashes and shapes verified) for a model with its weights."""
+        from zoo.artifact import load_prior
+
+        return load_prior(directory, model, verify=verify)
+
+    # ---- the Gaussian ----------------------------------------------------------------------------------------------
+    def _mean_of(self, module: str, local: str) -> Tensor:
+        key = f"{module}.{local}" if module else local
+        return self.mean[key]
+
+    def _layer_mean(self, name: str, module: nn.Module) -> Tensor:
+        layer = self.layers[name]
+        assert isinstance(layer, KronLayer)
+        parts = [self._mean_of(name, p).reshape(module.weight.shape[0], -1) for p in layer.params]
+        return torch.cat(parts, dim=1)
+
+    def quadratic(self, model: nn.Module) -> Tensor:
+        """(θ − μ)ᵀ Λ (θ − μ) summed over layers, differentiable in the model's parameters (float64)."""
+        modules = dict(model.named_modules())
+        total = torch.zeros((), dtype=torch.float64)
+        for name, layer in self.layers.items():
+            module = _module(modules, name)
+            if isinstance(layer, KronLayer):
+                delta = kron_matrix(module, layer.params) - self._layer_mean(name, module).to(module.weight)
+                total = total + layer.precision.quadratic(delta).to(total.device)
+            elif isinstance(layer, DiagLayer):
+                for local, prec in layer.precision.items():
+                    p = getattr(module, local) if local else module
+                    diff = p - self._mean_of(name, local).to(p)
+                    total = total + (prec.to(p) * diff.square()).sum().double().to(total.device)
+            else:
+                for local in layer.params:
+                    total = total + layer.lam * getattr(module, local).square().sum().double().to(total.device)
+        return total
+
+    def sample(self, model: nn.Module, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """One draw θ ~ N(μ, Λ⁻¹) as {parameter name: tensor}, seeded by `generator`."""
+        modules = dict(model.named_modules())
+        out: dict[str, Tensor] = {}
+        for name, layer in self.layers.items():
+            module = _module(modules, name)
+            prefix = f"{name}." if name else ""
+            if isinstance(layer, KronLayer):
+                draw = layer.precision.sample(1, generator=generator, dtype=torch.float32)[0]
+                full = self._layer_mean(name, module).float() + draw.to(module.weight.device)
+                out.update({prefix + k: v for k, v in split_matrix(module, full).items()})
+            elif isinstance(layer, DiagLayer):
+                for local, prec in layer.precision.items():
+                    noise = torch.randn(prec.shape, generator=generator, dtype=torch.float32)
+                    out[prefix + local] = self._mean_of(name, local).float() + noise * prec.float().rsqrt()
+            else:
+                for local in layer.params:
+                    shape = getattr(module, local).shape
+                    noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+                    out[prefix + local] = noise / math.sqrt(layer.lam)
+        return out
+
+    def kl(self, other: Prior) -> Tensor:
+        """KL(self ‖ other), summed over layers; both must cover the same modules."""
+        if set(self.layers) != set(other.layers):
+            missing = sorted(set(self.layers) ^ set(other.layers))[:5]
+            raise ModelError(f"the two Gaussians cover different modules (e.g. {missing}); they are not comparable")
+        total = torch.zeros((), dtype=torch.float64)
+        for name in self.layers:
+            total = total + _layer_kl(self, other, name).cpu()
+        return total
+
+
+def _module(modules: dict[str, nn.Module], name: str) -> nn.Module:
+    if name not in modules:
+        raise ModelError(f"the model has no module {name!r}; this prior was built for another architecture")
+    return modules[name]
+
+
+def _kron_mean(prior: Prior, name: str, layer: KronLayer, out: int) -> Tensor:
+    return torch.cat([prior._mean_of(name, p).reshape(out, -1) for p in layer.params], dim=1).double()
+
+
+def _layer_kl(q: Prior, p: Prior, name: str) -> Tensor:
+    lq, lp = q.layers[name], p.layers[name]
+    if isinstance(lq, KronLayer) and isinstance(lp, KronLayer):
+        out = lq.precision.shape[0]
+        return kl_divergence(_kron_mean(q, name, lq, out), lq.precision, _kron_mean(p, name, lp, out), lp.precision)
+    if isinstance(lq, KronLayer) and isinstance(lp, IsoLayer):
+        return kl_to_isotropic(_kron_mean(q, name, lq, lq.precision.shape[0]), lq.precision, lp.lam)
+    if isinstance(lq, DiagLayer) and isinstance(lp, DiagLayer):
+        total = torch.zeros((), dtype=torch.float64)
+        for local, prec_q in lq.precision.items():
+            pq, pp = prec_q.double(), lp.precision[local].double()
+            diff = q._mean_of(name, local).double() - p._mean_of(name, local).double()
+            total = total + 0.5 * (pp / pq + pp * diff.square() - 1 + (pq / pp).log()).sum()
+        return total
+    if isinstance(lq, IsoLayer) and isinstance(lp, IsoLayer):
+        total = torch.zeros((), dtype=torch.float64)
+        for local in lq.params:
+            mq = q._mean_of(name, local).double()
+            r = lp.lam / lq.lam
+            total = total + 0.5 * (mq.numel() * (r - 1 - math.log(r)) + lp.lam * mq.square().sum())
+        return total
+    raise ArtifactError(f"cannot compare a {type(lq).__name__} with a {type(lp).__name__} at module {name!r}")
