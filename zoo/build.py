@@ -71,7 +71,7 @@ def build_prior(
     for name, block in items:
         module = modules[name]
         if isinstance(block, KronBlock):
-            base = KronPrecision([(block.A, block.G)])
+            base = KronPrecision([(block.A, block.G)], check_psd=False)  # factor_eigh checks the eigenvalues
             (la, _), (lg, _) = base.factor_eigh()
             bases[name] = base
             mean_sq = sum(getattr(module, p).detach().double().square().sum().item() for p in kron_params(module))

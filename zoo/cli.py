@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from importlib.metadata import EntryPoint, entry_points
 
 from zoo import __version__
 from zoo.errors import ZooError
@@ -26,7 +27,103 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
-_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo]
+def _add_push(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "push", help="publish an artifact directory to the Hub (or to a local olah mirror with --mirror)",
+        description="Upload DIR as repository REPO_ID: create_repo(exist_ok=True), then upload_folder. The token "
+                    "comes from HF_TOKEN or `hf auth login`; HF_ENDPOINT picks the hub. With --mirror ROOT the "
+                    "folder is committed into a local git mirror that olah serves instead.",
+    )
+    p.add_argument("directory", metavar="DIR", help="the artifact directory (zoo build --out, prior.save)")
+    p.add_argument("repo_id", metavar="REPO_ID", help="org/name")
+    p.add_argument("--private", action="store_true", help="create the repository private (Hub only)")
+    p.add_argument("--revision", help="branch to commit to (created if missing; default main)")
+    p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing (Hub only)")
+    p.add_argument("--mirror", metavar="ROOT", help="commit into the local mirror ROOT (ROOT/models/org/name)")
+    p.add_argument("--tag", help="with --mirror: also tag the commit")
+    p.add_argument("--message", help="commit message")
+
+    def run(args: argparse.Namespace) -> int:
+        from zoo.errors import ConfigError
+
+        if args.mirror is None:
+            if args.tag is not None:
+                raise ConfigError("--tag works with --mirror only; tag Hub repositories with `hf repo tag create`")
+            from zoo.hub import push
+
+            url = push(args.directory, args.repo_id, private=args.private, revision=args.revision,
+                       create_pr=args.create_pr, commit_message=args.message)
+            print(url)
+            return 0
+        if args.private or args.create_pr:
+            raise ConfigError("--private and --create-pr apply to the Hub; a local mirror has neither, drop them")
+        from zoo.hub_mirror import publish_to_mirror
+
+        kwargs = {"commit_message": args.message} if args.message else {}
+        commit = publish_to_mirror(args.directory, args.mirror, args.repo_id, revision=args.revision or "main",
+                                   tag=args.tag, **kwargs)
+        print(commit)
+        return 0
+
+    p.set_defaults(handler=run)
+
+
+def _add_pull(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "pull", help="download a prior or posterior repository into the HF cache and print its directory",
+        description="Fetch REPO_ID (hf-hub:org/name[@rev] or org/name) through huggingface_hub's "
+                    "snapshot_download; honours HF_ENDPOINT and HF_HUB_OFFLINE.",
+    )
+    p.add_argument("repo_id", metavar="REPO_ID", help="org/name, optionally hf-hub: and @revision")
+    p.add_argument("--revision", help="branch, tag or commit (overrides @revision)")
+    p.add_argument("--cache-dir", metavar="DIR", help="HF cache directory (default: HF_HUB_CACHE)")
+
+    def run(args: argparse.Namespace) -> int:
+        from zoo.hub import download, parse_repo_ref
+
+        parse_repo_ref(args.repo_id)  # a repository id, never a local path
+        ref = args.repo_id if args.repo_id.startswith("hf-hub:") else f"hf-hub:{args.repo_id}"
+        print(download(ref, revision=args.revision, cache_dir=args.cache_dir))
+        return 0
+
+    p.set_defaults(handler=run)
+
+
+_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo, _add_push, _add_pull]
+
+ENTRY_POINT_GROUP = "prior_zoo.commands"
+"""Packages add `zoo` sub-commands here: `name = "module:register"`, where register(subparsers) adds one parser.
+builders registers `zoo build` this way, so zoo never imports builders."""
+
+
+def _add_unavailable(sub: argparse._SubParsersAction, ep: EntryPoint, err: Exception) -> None:
+    """A broken plugin still shows up, and says what went wrong when used, instead of breaking every command."""
+    p = sub.add_parser(ep.name, help=f"(unavailable: {type(err).__name__}; run it for details)")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+
+    def run(args: argparse.Namespace) -> int:
+        from zoo.errors import ConfigError
+
+        raise ConfigError(f"the command {ep.name!r} ({ep.value}) failed to load: {type(err).__name__}: {err}; "
+                          "reinstall prior-zoo (`pip install -e .` in the source tree)")
+
+    p.set_defaults(handler=run)
+
+
+def _plugin_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
+    """The register functions of the installed `prior_zoo.commands` entry points, by name."""
+    adders: list[Callable[[argparse._SubParsersAction], None]] = []
+    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        def add(sub: argparse._SubParsersAction, ep: EntryPoint = ep) -> None:
+            try:
+                register = ep.load()
+            except Exception as err:  # any import failure of a plugin
+                _add_unavailable(sub, ep, err)
+                return
+            register(sub)
+
+        adders.append(add)
+    return adders
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"prior-zoo {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in _COMMANDS:
+    for add in [*_plugin_commands(), *_COMMANDS]:
         add(sub)
     return parser
 
