@@ -16,7 +16,13 @@ from zoo.errors import (
 
 __version__ = "0.1.0"
 
-_LAZY = {"build_prior": "zoo.build", "load": "zoo.loading", "Prior": "zoo.prior"}
+_LAZY = {
+    "build_prior": "zoo.build",
+    "load": "zoo.loading",
+    "Prior": "zoo.prior",
+    "finetune": "zoo.tuning",
+    "Posterior": "zoo.posterior",
+}
 
 
 def __getattr__(name: str) -> object:
@@ -35,10 +41,12 @@ __all__ = [
     "InvalidFactorError",
     "ModelError",
     "NumericalError",
+    "Posterior",
     "Prior",
     "SingularPrecisionError",
     "ZooError",
     "__version__",
     "build_prior",
+    "finetune",
     "load",
 ]

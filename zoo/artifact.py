@@ -72,7 +72,9 @@ def _layer_tensors(name: str, layer: Layer) -> dict[str, Tensor]:
         return {}
     out = {}
     for key, value in tensors.items():
-        keep64 = value.numel() <= 1 or key in ("scales", "dec.weights", "dec.term_index")
+        # Factors and their eigendecompositions are float32 (the contract); a multi-term decomposition stays
+        # float64, since its whitened bases are not orthogonal and float32 would cost the KL its accuracy.
+        keep64 = value.numel() <= 1 or key == "scales" or key.startswith("dec.")
         out[f"{name}{SEP}{key}"] = (value if keep64 or not value.is_floating_point() else value.float()).contiguous()
     return out
 

@@ -89,7 +89,15 @@ def _add_pull(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
-_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo, _add_push, _add_pull]
+def _add_finetune_and_certify(sub: argparse._SubParsersAction) -> None:
+    from zoo.commands_finetune import add_commands
+
+    add_commands(sub)
+
+
+_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_demo, _add_push, _add_pull, _add_finetune_and_certify,
+]
 
 ENTRY_POINT_GROUP = "prior_zoo.commands"
 """Packages add `zoo` sub-commands here: `name = "module:register"`, where register(subparsers) adds one parser.

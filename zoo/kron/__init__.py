@@ -1,6 +1,7 @@
 """Kronecker-factored Gaussian algebra for one layer (knows nothing about nn.Module; METHOD.md §1, §4)."""
 
 from zoo.kron.decomposition import Decomposition
+from zoo.kron.extend import extend, isotropic_value, rescale_parts, split_diagonal
 from zoo.kron.kl import kl_divergence, kl_to_isotropic
 from zoo.kron.precision import DEFAULT_APPROXIMATION, Approximation, KronPrecision
 
@@ -9,6 +10,10 @@ __all__ = [
     "Approximation",
     "Decomposition",
     "KronPrecision",
+    "extend",
+    "isotropic_value",
     "kl_divergence",
     "kl_to_isotropic",
+    "rescale_parts",
+    "split_diagonal",
 ]

@@ -1,0 +1,113 @@
+"""A small real transfer task for fine-tuning tests and the digits benchmark (sklearn's 1,797 8×8 digits).
+
+Upstream: classes 0–4 pretrain a tiny timm model (test_resnet at 16 px) and build its prior with
+`zoo.build_prior`. Downstream: classes 5–9 (relabelled 0–4), a few shots per class for training and every other
+downstream image for testing. The upstream artifact is built once per process (`upstream_prior_dir`) and reused.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import itertools
+import shutil
+import tempfile
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+
+import zoo
+
+ARCH = "test_efficientnet_gn"
+SIZE = 16
+CLASSES = 5
+Batches = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@functools.cache
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """All digits as (N, 3, 16, 16) images normalised like the model's config (mean = std = 0.5), and labels."""
+    data = load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32)[:, None] / 16.0
+    x = F.interpolate(x, size=(SIZE, SIZE), mode="bilinear", align_corners=False).clamp(0, 1)
+    x = ((x - 0.5) / 0.5).expand(-1, 3, -1, -1).contiguous()
+    return x, torch.tensor(data.target, dtype=torch.long)
+
+
+def batches(x: torch.Tensor, y: torch.Tensor, size: int = 64) -> Batches:
+    return [(x[i : i + size], y[i : i + size]) for i in range(0, x.shape[0], size)]
+
+
+def upstream_data() -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = digits()
+    keep = y < CLASSES
+    return x[keep], y[keep]
+
+
+PRIOR_LAMBDA = 1e4
+"""The reference precision of the upstream prior (std 0.01 per weight), fixed before any downstream data is seen.
+The default d/‖θ‖² (≈ 24 here) makes draws from the prior, and from any posterior near it, random classifiers."""
+HEAD_LAMBDA = 24.0
+"""The new head's N(0, λ⁻¹I), fixed in advance (≈ d/‖θ‖² of the upstream network)."""
+
+
+@functools.cache
+def upstream_prior_dir(epochs: int = 8, seed: int = 0, lam: float = PRIOR_LAMBDA) -> Path:
+    """Pretrain on digits 0–4, build the prior on the same data, save it; the directory lives for the process."""
+    x, y = upstream_data()
+    torch.manual_seed(seed)
+    model = timm.create_model(ARCH, num_classes=CLASSES)
+    model.pretrained_cfg = dict(model.pretrained_cfg, input_size=(3, SIZE, SIZE), crop_pct=1.0,
+                                interpolation="bilinear", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(x.shape[0], generator=g)
+        for xb, yb in batches(x[order], y[order]):
+            opt.zero_grad()
+            F.cross_entropy(model(xb), yb).backward()
+            opt.step()
+    model.eval()
+    prior = zoo.build_prior(model, batches(x, y, 128), lam=lam, progress=False, dataset="sklearn-digits-0-4",
+                            generator=torch.Generator().manual_seed(seed), timm_name=f"{ARCH}.digits04")
+    root = Path(tempfile.mkdtemp(prefix="zoo-digits-"))
+    atexit.register(shutil.rmtree, root, True)
+    return prior.save(str(root / "prior"), model=model)
+
+
+def downstream(shots: int, seed: int) -> tuple[Batches, torch.Tensor, torch.Tensor]:
+    """(training batches with `shots` images per class, test images, test labels); digits 5–9 relabelled 0–4."""
+    x, y = digits()
+    g = torch.Generator().manual_seed(seed)
+    train_idx, test_idx = [], []
+    for k in range(CLASSES, 2 * CLASSES):
+        idx = torch.nonzero(y == k).flatten()
+        idx = idx[torch.randperm(idx.numel(), generator=g)]
+        train_idx.append(idx[:shots])
+        test_idx.append(idx[shots:])
+    tr, te = torch.cat(train_idx), torch.cat(test_idx)
+    return batches(x[tr], y[tr] - CLASSES), x[te], y[te] - CLASSES
+
+
+def gibbs_test_error(posterior: zoo.Prior, x: torch.Tensor, y: torch.Tensor, samples: int, seed: int) -> float:
+    """Held-out 0-1 error of the Gibbs classifier: the mean over `samples` weight draws of each draw's error."""
+    errors, n = posterior.gibbs_errors(batches(x, y, 512), samples, torch.Generator().manual_seed(seed))
+    return errors / (n * samples)
+
+
+def ece(probs: torch.Tensor, y: torch.Tensor, bins: int = 15) -> float:
+    """Expected calibration error of the top label, equal-width confidence bins."""
+    conf, pred = probs.max(-1)
+    correct = (pred == y).double()
+    edges = torch.linspace(0, 1, bins + 1)
+    total = 0.0
+    for lo, hi in itertools.pairwise(edges):
+        inside = (conf > lo) & (conf <= hi)
+        if inside.any():
+            gap = correct[inside].mean().item() - conf[inside].double().mean().item()
+            total += inside.double().mean().item() * abs(gap)
+    return total

@@ -1,0 +1,118 @@
+"""zoo.tuning (`zoo.finetune`): the training objectives' gradients, the posterior fit, and bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import zoo
+from zoo import DataError, ModelError, NumericalError
+from zoo.pacbayes import catoni_grid
+from zoo.tuning import finetune, isotropic_prior, objective_value
+
+
+def tiny(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 3))
+
+
+def data(seed: int = 0, n: int = 24) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g)
+    y = torch.randint(0, 3, (n,), generator=g)
+    return [(x[i : i + 8], y[i : i + 8]) for i in range(0, n, 8)]
+
+
+@pytest.fixture(scope="module")
+def prior_and_model() -> tuple[zoo.Prior, nn.Module]:
+    model = tiny()
+    prior = zoo.build_prior(model, data(), progress=False, generator=torch.Generator().manual_seed(0))
+    return prior, model
+
+
+@pytest.mark.parametrize("objective", ["catoni", "mcallester", "map"])
+def test_objective_gradient_matches_finite_differences(prior_and_model, objective: str) -> None:
+    prior, base = prior_and_model
+    model = tiny(1).double()
+    model.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x, y = data(3)[0]
+    x = x.double()
+
+    def value() -> torch.Tensor:
+        return objective_value(model, prior, x, y, objective, n=24, delta=0.05, c=catoni_grid()[12])[0]
+
+    model.zero_grad()
+    value().backward()
+    eps = 1e-6
+    for name, p in model.named_parameters():
+        for idx in [(0,) * p.ndim, tuple(s - 1 for s in p.shape)]:
+            with torch.no_grad():
+                old = p[idx].item()
+                p[idx] = old + eps
+                up = value().item()
+                p[idx] = old - eps
+                down = value().item()
+                p[idx] = old
+            fd = (up - down) / (2 * eps)
+            assert p.grad[idx].item() == pytest.approx(fd, rel=1e-5, abs=1e-8), (name, idx)
+
+
+def test_map_objective_uses_the_data_set_size(prior_and_model) -> None:
+    prior, base = prior_and_model
+    model = tiny(1)
+    model.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        model[3].weight.add_(0.5)
+    x, y = data()[0]
+    v100, nll, half = objective_value(model, prior, x, y, "map", n=100, delta=0.05)
+    assert v100.item() == pytest.approx(nll.item() + half.item() / 100, rel=1e-9)
+    assert half.item() == pytest.approx(0.5 * prior.quadratic(model).item())
+
+
+def test_finetune_returns_a_posterior_whose_kl_matches_the_fit(prior_and_model) -> None:
+    prior, base = prior_and_model
+    model = tiny(2)
+    model.load_state_dict(base.state_dict())
+    post = finetune(model, prior, data(5), epochs=5, lr=1e-2, progress=False, sharpen=(1.0,),
+                    generator=torch.Generator().manual_seed(0))
+    assert post.meta["kind"] == "posterior" and post.meta["curvature"]["n"] == 24
+    assert post.kl(prior).item() == pytest.approx(post.meta["bound"]["kl"], rel=1e-6)
+    again = finetune(_copy(base), prior, data(5), epochs=5, lr=1e-2, progress=False, sharpen=(1.0,),
+                     generator=torch.Generator().manual_seed(0))
+    for k, v in post.mean.items():
+        torch.testing.assert_close(v, again.mean[k])  # seeded: identical reruns
+
+
+def _copy(base: nn.Module) -> nn.Module:
+    model = tiny(9)
+    model.load_state_dict(base.state_dict())
+    return model
+
+
+def test_isotropic_baseline_has_constant_precision(prior_and_model) -> None:
+    prior, _ = prior_and_model
+    iso = isotropic_prior(prior, 7.0)
+    layer = iso.layers["0"]
+    torch.testing.assert_close(layer.precision.dense(), 7.0 * torch.eye(layer.precision.dim, dtype=torch.float64))
+
+
+def test_bad_input_raises_zoo_errors(prior_and_model) -> None:
+    prior, base = prior_and_model
+    model = _copy(base)
+    with pytest.raises(DataError, match="no examples"):
+        finetune(model, prior, [], epochs=1, progress=False)
+    bad_labels = [(x, torch.full_like(y, 7)) for x, y in data()]
+    with pytest.raises(DataError, match="num_classes"):
+        finetune(model, prior, bad_labels, epochs=1, progress=False)
+    other = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3))
+    with pytest.raises(ModelError, match=r"zoo\.load"):
+        finetune(other, prior, data(), epochs=1, progress=False)
+    nan = [(torch.full_like(x, math.nan), y) for x, y in data()]
+    with pytest.raises(NumericalError):
+        finetune(model, prior, nan, epochs=1, progress=False)

@@ -1,0 +1,133 @@
+"""`zoo finetune` and `zoo certify`: the fine-tuning loop on an ImageFolder, and printing a run's certificate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from zoo.errors import ConfigError, DataError
+
+CERTIFICATE_FILE = "certificate.json"
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Register `zoo finetune` and `zoo certify` on the CLI's sub-parsers."""
+    p = sub.add_parser(
+        "finetune", help="PAC-Bayes fine-tuning of a prior on an ImageFolder; writes a posterior with a certificate",
+        description="Load PRIOR (directory or hf-hub:org/name), replace its head for the classes in --data, "
+                    "fine-tune with the PAC-Bayes objective, fit the posterior, certify it on the training data "
+                    "and write the posterior repository to --out (atomically).",
+    )
+    p.add_argument("prior", metavar="PRIOR", help="a prior or posterior repository (local directory or hf-hub:...)")
+    p.add_argument("--data", required=True, metavar="DIR", help="ImageFolder: one sub-folder of images per class")
+    p.add_argument("--out", required=True, metavar="DIR", help="the run directory to write (replaced if it exists)")
+    p.add_argument("--objective", default="catoni", choices=("catoni", "mcallester", "map"))
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--shots", type=int, default=None, help="use at most this many images per class")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--delta", type=float, default=0.05)
+    p.add_argument("--samples", type=int, default=100, help="weight draws for the certificate")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep-head", action="store_true", help="keep the prior's head (same task, same classes)")
+    p.set_defaults(handler=_finetune)
+
+    c = sub.add_parser("certify", help="print the certificate of a fine-tuning run",
+                       description="Print the certificate recorded in RUN_DIR (by `zoo finetune`).")
+    c.add_argument("run_dir", metavar="RUN_DIR")
+    c.add_argument("--json", action="store_true", help="print the raw JSON record")
+    c.set_defaults(handler=_certify)
+
+
+def image_folder(root: str, transform: Any, shots: int | None, seed: int) -> Any:
+    """The ImageFolder at `root`, optionally `shots` images per class (chosen by `seed`); ZooError when unusable."""
+    import torch
+    from torchvision.datasets import ImageFolder
+
+    path = Path(root)
+    if not path.is_dir():
+        raise DataError(f"--data {root} is not a directory; pass an ImageFolder (one sub-folder per class)")
+    try:
+        data = ImageFolder(str(path), transform=transform)
+    except (FileNotFoundError, OSError) as err:
+        raise DataError(f"--data {root} holds no readable images ({err}); put images in one sub-folder per class"
+                        ) from err
+    if len(data.classes) < 2:
+        raise DataError(f"--data {root} has {len(data.classes)} class folder(s); a classifier needs at least two")
+    if shots is None:
+        return data
+    if shots < 1:
+        raise ConfigError(f"--shots must be at least 1, got {shots}")
+    g = torch.Generator().manual_seed(seed)
+    targets = torch.tensor(data.targets)
+    keep = []
+    for k in range(len(data.classes)):
+        idx = torch.nonzero(targets == k).flatten()
+        keep += idx[torch.randperm(idx.numel(), generator=g)][:shots].tolist()
+    return torch.utils.data.Subset(data, sorted(keep))
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    import timm.data
+    import torch
+
+    import zoo
+    from zoo.tuning import finetune
+
+    out = Path(args.out)
+    probe = image_folder(args.data, None, None, args.seed)
+    classes = probe.classes
+    model, prior = zoo.load(args.prior, num_classes=len(classes), reset_head=not args.keep_head)
+    config = timm.data.resolve_data_config(model=model)
+    transform = timm.data.create_transform(**config, is_training=False)
+    data = image_folder(args.data, transform, args.shots, args.seed)
+    g = torch.Generator().manual_seed(args.seed)
+    loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, shuffle=True, generator=g)
+    fixed = torch.utils.data.DataLoader(data, batch_size=args.batch_size, shuffle=False)
+    posterior = finetune(model, prior, loader, args.objective, epochs=args.epochs, lr=args.lr, delta=args.delta,
+                         generator=torch.Generator().manual_seed(args.seed), dataset=str(args.data),
+                         prior_ref=str(args.prior))
+    cert = posterior.certificate(fixed, delta=args.delta, samples=args.samples,
+                                 generator=torch.Generator().manual_seed(args.seed + 1), progress=True)
+    posterior.meta["classes"] = list(classes)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        posterior.save(str(tmp / "repo"))
+        for item in (tmp / "repo").iterdir():
+            item.rename(tmp / item.name)
+        (tmp / "repo").rmdir()
+        (tmp / CERTIFICATE_FILE).write_text(json.dumps(cert.to_dict(), indent=2, sort_keys=True))
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(cert)
+    print(f"posterior written to {out}")
+    return 0
+
+
+def _certify(args: argparse.Namespace) -> int:
+    from zoo.posterior import Certificate
+
+    path = Path(args.run_dir) / CERTIFICATE_FILE
+    if not path.is_file():
+        raise DataError(f"{args.run_dir} has no {CERTIFICATE_FILE}; pass a directory written by `zoo finetune`")
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path} is not valid JSON ({err}); rerun `zoo finetune`") from err
+    print(json.dumps(record, indent=2, sort_keys=True) if args.json else Certificate.from_dict(record))
+    return 0

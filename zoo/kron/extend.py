@@ -1,0 +1,120 @@
+"""A new Kronecker term added to an existing precision, in that precision's own decomposition (METHOD.md §4).
+
+A posterior precision scale·(A ⊗ G) + prior_scale·P keeps the prior's basis: P is already diagonal there (D_P),
+and the new term contributes its exact diagonal diag(T_outᵀ G T_out) diag(T_inᵀ A T_in)ᵀ in the same coordinates
+(the EKFAC idea, applied to whatever decomposition P has, including a posterior's own, so chains of tasks keep
+one basis). The result is a valid Gaussian in its own right: its sampling, log-determinant and KL to P are exact
+for the precision it represents, so a PAC-Bayes certificate computed on it stays rigorous, and its
+`approximation_error` measures how far it is from the dense sum. Two cases are exact and used as such:
+
+- P isotropic (c·I, one (cI, cI) term plus damping): scale·A⊗G + prior_scale·c·I, one term plus damping,
+  decomposed in the eigenbases of A and G;
+- P one term without damping: the exact two-term decomposition (zoo.kron.exact).
+
+In every case the new term's rows have term index 0 and the prior's rows the others, so `split_diagonal` returns
+the two diagonals E and D_P whose ratio u = E / D_P is what `zoo.scales.fit_scales` needs, and `rescale_parts`
+changes both scales without decomposing again.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from zoo.errors import InvalidFactorError
+from zoo.kron.decomposition import Decomposition
+from zoo.kron.precision import KronPrecision
+
+__all__ = ["extend", "isotropic_value", "rescale_parts", "split_diagonal"]
+
+
+def isotropic_value(p: KronPrecision) -> float | None:
+    """c when the precision is exactly c·I (one term with A ∝ I and G ∝ I, plus damping), else None."""
+    if len(p.terms) != 1:
+        return None
+    a, g = p.A[0], p.G[0]
+    values = []
+    for x in (a, g):
+        diag = x.diagonal()
+        if not bool((x - torch.diag_embed(diag)).eq(0).all()) or not bool(diag.eq(diag[0]).all()):
+            return None
+        values.append(diag[0].item())
+    return p.scales[0].item() * values[0] * values[1] + p.damping
+
+
+def _check_scale(value: float, name: str) -> float:
+    x = float(value)
+    if not (math.isfinite(x) and x > 0):
+        raise InvalidFactorError(f"{name} must be positive and finite, got {value}")
+    return x
+
+
+def extend(prior: KronPrecision, a: Tensor, g: Tensor, scale: float = 1.0, prior_scale: float = 1.0) -> KronPrecision:
+    """scale·(A ⊗ G) + prior_scale·prior, with the new term's exact diagonal in the prior's decomposition.
+
+    `is_exact` tells whether the result equals the dense sum (isotropic or one-term priors) or only its diagonal
+    in the prior's basis (then `approximation_error` is the measured relative Frobenius error).
+    """
+    s, ps = _check_scale(scale, "scale"), _check_scale(prior_scale, "prior_scale")
+    new = KronPrecision([(a, g)], [s], approximation="eigenbasis")
+    if new.shape != prior.shape:
+        raise InvalidFactorError(f"the new term is over {new.shape} weights but the prior over {prior.shape}")
+    iso = isotropic_value(prior)
+    if iso is not None:
+        return new.rescaled(damping=ps * iso)
+    if len(prior.terms) == 1 and prior.damping == 0:
+        return new + prior * ps  # two terms: exact, the prior (last) term whitens
+    base = prior.decomposition()
+    shifted = Decomposition(
+        side_in=base.side_in, side_out=base.side_out, coords_in=base.coords_in, coords_out=base.coords_out,
+        weights=base.weights * ps, term_index=tuple(i + 1 if i >= 0 else i for i in base.term_index),
+    )
+    out = new + prior * ps
+    c_in = _psd_diagonal(out.A[0], base.side_in.T, "A", out._rtol)
+    c_out = _psd_diagonal(out.G[0], base.side_out.T, "G", out._rtol)
+    out._dec = Decomposition(
+        side_in=shifted.side_in, side_out=shifted.side_out,
+        coords_in=torch.cat([shifted.coords_in, c_in[None]]), coords_out=torch.cat([shifted.coords_out, c_out[None]]),
+        weights=torch.cat([shifted.weights, out.scales[:1].to(shifted.weights)]), term_index=(*shifted.term_index, 0),
+    )
+    return out
+
+
+def _psd_diagonal(x: Tensor, t: Tensor, name: str, rtol: float) -> Tensor:
+    """diag(Tᵀ X T) of a PSD factor: rounding-level negatives (≥ −rtol·‖X‖_F) are zeros, anything lower raises."""
+    values = ((x @ t) * t).sum(0)
+    floor = -rtol * torch.linalg.matrix_norm(x).item()
+    if values.min().item() < floor:
+        raise InvalidFactorError(f"the new {name} factor is not positive semi-definite in the prior's basis (a "
+                                 f"diagonal entry {values.min().item():.3g} < {floor:.3g}); check the curvature pass")
+    return torch.where(values < 0, torch.zeros_like(values), values)
+
+
+def split_diagonal(q: KronPrecision) -> tuple[Tensor, Tensor]:
+    """(E, R), both (out × in): the diagonal of the new term (index 0) and of the prior's part, in q's basis."""
+    dec = q.decomposition()
+    index = torch.tensor(dec.term_index, device=dec.weights.device)
+    new_rows = index == 0
+    if not bool(new_rows.any()):
+        raise InvalidFactorError("this precision has no new term (index 0); build it with zoo.kron.extend")
+
+    def part(mask: Tensor) -> Tensor:
+        return torch.einsum("j,jo,ji->oi", dec.weights[mask], dec.coords_out[mask], dec.coords_in[mask])
+
+    return part(new_rows), part(~new_rows)
+
+
+def rescale_parts(q: KronPrecision, new_factor: float, prior_factor: float) -> KronPrecision:
+    """q with its new term multiplied by new_factor and its prior part by prior_factor, in the same basis."""
+    a, b = _check_scale(new_factor, "new_factor"), _check_scale(prior_factor, "prior_factor")
+    dec = q.decomposition()
+    index = torch.tensor(dec.term_index, device=dec.weights.device)
+    factors = torch.where(index == 0, a, b).to(dec.weights)
+    scales = q.scales.clone()
+    scales[0] *= a
+    scales[1:] *= b
+    out = q._derived(scales, q.damping * b)
+    out._dec = dec.reweighted(dec.weights * factors)
+    return out
