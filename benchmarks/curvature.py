@@ -5,7 +5,8 @@
 
 Prints, per architecture at 64px: our K-FAC-expand and K-FAC-reduce passes and curvlinops'
 KFACLinearOperator (Linear/Conv2d parameters only, when it runs), each as the median over ``repeats``
-runs divided by the median plain pass. For resnet18 also the relative factor error of the float32 pass
+runs (interleaved with the others) divided by the median plain pass. On a shared machine use
+``--threads 1`` for stable ratios. For resnet18 also the relative factor error of the float32 pass
 against a float64 reference, and with --profile where our pass spends its time.
 """
 
@@ -33,14 +34,18 @@ ARCHS = {
 }
 
 
-def median_time(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up (allocator, kernels)
-    times = []
+def median_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median wall time of each function, the repeats interleaved round-robin so that a change in the
+    machine's load (shared CI runners) hits every function alike and the ratios stay meaningful."""
+    for fn in fns.values():
+        fn()  # warm-up (allocator, kernels)
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def plain_pass(model: nn.Module, data: list[tuple[Tensor, Tensor]]) -> None:
@@ -118,13 +123,18 @@ def main() -> None:
         g = torch.Generator().manual_seed(0)
         data = [(torch.randn(args.batch, 3, args.size, args.size, generator=g),
                  torch.randint(0, 1000, (args.batch,), generator=g)) for _ in range(args.n // args.batch)]
-        base = median_time(lambda model=model, data=data: plain_pass(model, data), args.repeats)
-        expand = median_time(lambda model=model, data=data: kfac(model, data, progress=False), args.repeats)
-        reduce = median_time(lambda model=model, data=data: kfac(model, data, approx="reduce", progress=False),
-                             args.repeats)
+        fns: dict[str, Callable[[], object]] = {
+            "plain": lambda model=model, data=data: plain_pass(model, data),
+            "expand": lambda model=model, data=data: kfac(model, data, progress=False),
+            "reduce": lambda model=model, data=data: kfac(model, data, approx="reduce", progress=False),
+        }
         theirs = curvlinops_pass(model, data, args.n)
-        cl = f"{median_time(theirs, args.repeats) / base:9.2f}x" if theirs else f"{'n/a':>10s}"
-        print(f"{arch:24s} {base:8.2f} {expand / base:7.2f}x {reduce / base:7.2f}x {cl}", flush=True)
+        if theirs is not None:
+            fns["curvlinops"] = theirs
+        t = median_times(fns, args.repeats)
+        base = t["plain"]
+        cl = f"{t['curvlinops'] / base:9.2f}x" if theirs else f"{'n/a':>10s}"
+        print(f"{arch:24s} {base:8.2f} {t['expand'] / base:7.2f}x {t['reduce'] / base:7.2f}x {cl}", flush=True)
         if arch == "resnet18":
             print(f"    resnet18 fp32 vs float64 reference: max relative factor error {factor_error(model, data):.2e}")
             if args.profile:

@@ -278,3 +278,96 @@ def test_patch_rows_reproduce_the_conv(kwargs: dict) -> None:
     torch.testing.assert_close(rows @ conv.weight.reshape(4, -1).T + conv.bias, out.permute(0, 2, 3, 1).reshape(-1, 4))
     mean = conv_mean_patches(x, conv)
     torch.testing.assert_close(mean, rows.reshape(2, -1, rows.shape[1]).mean(1))
+
+
+def _unfold_factor(xs: list[Tensor], conv: nn.Conv2d) -> Tensor:
+    """Brute-force A = Σ ā āᵀ from F.unfold patches (bias as a trailing 1), the definition in METHOD.md §2."""
+    total = 0
+    for x in xs:
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+            x, padding = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode), 0
+        else:
+            padding = conv.padding
+        rows = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride)
+        rows = rows.transpose(1, 2).reshape(-1, rows.shape[1])
+        if conv.bias is not None:
+            rows = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype)], dim=1)
+        total = total + rows.T @ rows
+    return total
+
+
+CELL_CONVS = [  # (kernel, stride, padding, dilation, (H, W), bias, padding_mode)
+    (1, 1, 0, 1, (6, 5), True, "zeros"),
+    (1, 2, 0, 1, (7, 6), False, "zeros"),
+    (1, 1, 1, 1, (5, 5), True, "zeros"),
+    (3, 1, 1, 1, (8, 8), False, "zeros"),
+    (3, 1, 1, 1, (7, 9), True, "zeros"),
+    (3, 2, 1, 1, (8, 8), False, "zeros"),
+    (3, 2, 1, 1, (9, 7), True, "zeros"),
+    (3, 1, 0, 1, (6, 7), True, "zeros"),
+    (3, 2, 0, 2, (11, 10), True, "zeros"),
+    (3, 1, 2, 2, (7, 8), False, "zeros"),
+    (3, 1, "same", 1, (6, 5), True, "zeros"),
+    (3, 1, "same", 2, (7, 6), False, "zeros"),
+    (3, 1, 1, 1, (6, 7), True, "reflect"),
+    (3, 2, 2, 1, (2, 2), True, "zeros"),
+    (3, 1, 1, 1, (1, 1), True, "zeros"),
+    (5, 1, 2, 1, (9, 8), True, "zeros"),
+    (5, 2, 2, 1, (10, 9), False, "zeros"),
+    (5, 1, 0, 2, (12, 11), True, "zeros"),
+    (5, 1, "same", 1, (6, 6), True, "zeros"),
+    (5, 2, 1, 2, (13, 12), True, "replicate"),
+    (7, 2, 3, 1, (16, 15), False, "zeros"),
+    (7, 1, 3, 1, (9, 10), True, "zeros"),
+    (7, 2, 2, 2, (17, 16), True, "zeros"),
+    (7, 1, "same", 1, (5, 8), False, "zeros"),
+    ((2, 3), (2, 1), (0, 1), (1, 2), (9, 8), True, "zeros"),
+    ((4, 4), (4, 4), 0, 1, (8, 12), True, "zeros"),
+    ((2, 2), (2, 2), 0, 1, (7, 9), False, "zeros"),
+    (4, 1, "same", 1, (7, 6), True, "zeros"),
+]
+
+
+@pytest.mark.parametrize("spec", CELL_CONVS, ids=[str(i) for i in range(len(CELL_CONVS))])
+def test_cell_factor_equals_unfold(spec: tuple) -> None:
+    """The shifted-window cell method gives exactly the unfold-based A (float64), over two batches."""
+    from zoo.curvature.conv_factor import ConvFactorPlan
+
+    kernel, stride, padding, dilation, hw, bias, mode = spec
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 2, kernel, stride=stride, padding=padding, dilation=dilation, bias=bias,
+                     padding_mode=mode).double()
+    xs = [torch.randn(3, 3, *hw, dtype=DT), torch.randn(2, 3, *hw, dtype=DT)]
+    plan = ConvFactorPlan(conv, hw, bias)
+    state = plan.state(DT, torch.device("cpu"))
+    for x in xs:
+        plan.accumulate(x, state)
+    rows = sum(x.shape[0] for x in xs) * plan.positions
+    assert plan.positions == conv(xs[0]).shape[2] * conv(xs[0]).shape[3]
+    got = plan.assemble(state, torch.tensor(float(rows), dtype=torch.float64))
+    torch.testing.assert_close(got, _unfold_factor(xs, conv), rtol=1e-12, atol=1e-12)
+
+
+def test_kfac_cell_path_equals_unfold_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """End to end: kfac with the cell method (wide convs) returns the same factors as with plain unfolding."""
+    import zoo.curvature.conv_factor as conv_factor
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16),
+        nn.ReLU(), nn.Conv2d(16, 16, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 5, padding="same"),
+        nn.Flatten(), nn.Linear(16 * 4 * 4, 3)).double().eval()
+    data = batches(2, 3, (3, 8, 8), 3, seed=4)
+    assert conv_factor.conv_factor_plan(model[2], (8, 8), False) is not None
+    cells = kfac(model, data, "exact", dtype=DT, progress=False)
+    monkeypatch.setattr(conv_factor, "MIN_CHANNELS", 10**9)
+    plain = kfac(model, data, "exact", dtype=DT, progress=False)
+    assert set(cells) == set(plain)
+    for name, block in plain.items():
+        if isinstance(block, KronBlock):
+            torch.testing.assert_close(cells[name].A, block.A, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(cells[name].G, block.G, rtol=1e-12, atol=1e-12)
+        else:
+            for k, v in block.diagonal.items():
+                torch.testing.assert_close(cells[name].diagonal[k], v, rtol=1e-12, atol=1e-12)

@@ -50,8 +50,13 @@ def _is_standard(module: nn.Module) -> bool:
     return False
 
 
-def _probe(model: nn.Module, x: Tensor, names: list[str]) -> dict[str, bool]:
-    """Run ``model`` on ``x`` and report, per module name, whether its forward ran and returned a tensor."""
+def _probe(model: nn.Module, x: Tensor, names: list[str],
+           sizes: dict[str, set[tuple[int, ...]]] | None = None) -> dict[str, bool]:
+    """Run ``model`` on ``x`` and report, per module name, whether its forward ran and returned a tensor.
+
+    ``sizes``, when given, collects the spatial sizes of each Conv2d's input over its calls (a conv's
+    input factor plan is made for one fixed size).
+    """
     ok = dict.fromkeys(names, True)
     called: set[str] = set()
     handles = []
@@ -60,6 +65,8 @@ def _probe(model: nn.Module, x: Tensor, names: list[str]) -> dict[str, bool]:
             called.add(name)
             if not isinstance(out, Tensor):
                 ok[name] = False
+            if sizes is not None and isinstance(module, nn.Conv2d) and args and isinstance(args[0], Tensor):
+                sizes.setdefault(name, set()).add(tuple(args[0].shape[2:]))
 
         handles.append(model.get_submodule(name).register_forward_hook(hook))
     try:
@@ -85,7 +92,8 @@ def build_accumulators(model: nn.Module, probe_x: Tensor, ctx: PassContext) -> l
     if not owners:
         raise ModelError("the model has no trainable parameters; nothing to compute curvature for "
                          "(check requires_grad, or pass the model itself rather than a frozen copy)")
-    usable = _probe(model, probe_x, list(owners))
+    sizes: dict[str, set[tuple[int, ...]]] = {}
+    usable = _probe(model, probe_x, list(owners), sizes)
     accs: list[Accumulator] = []
     orphans: dict[str, tuple[str, str]] = {}
     for name, params in owners.items():
@@ -96,7 +104,8 @@ def build_accumulators(model: nn.Module, probe_x: Tensor, ctx: PassContext) -> l
             orphans.update({prefix + local: (name, local) for local in params})
         elif _is_standard(module) and getattr(module, "groups", 1) == 1 and "weight" in params \
                 and set(params) <= {"weight", "bias"}:
-            accs.append(KronAccumulator(name, module, ctx))
+            hw = sizes.get(name, set())
+            accs.append(KronAccumulator(name, module, ctx, next(iter(hw)) if len(hw) == 1 else None))
         elif type(module) in NORMALIZERS and set(params) <= {"weight", "bias"}:
             accs.append(NormAccumulator(name, module, ctx, mapping))
         elif _is_standard(module) and isinstance(module, nn.Conv2d) and set(params) <= {"weight", "bias"}:
