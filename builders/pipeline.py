@@ -328,6 +328,8 @@ def distributed_setup(device: str | None) -> tuple[int, int, torch.device]:
     if device is None:
         device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local)  # "--device cuda" means this rank's GPU
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"--device {device}: CUDA is not available here; use --device cpu")

@@ -106,7 +106,8 @@ class Prior:
             prefix = f"{name}." if name else ""
             if isinstance(layer, KronLayer):
                 draw = layer.precision.sample(1, generator=generator, dtype=torch.float32)[0]
-                full = self._layer_mean(name, module).float() + draw.to(module.weight.device)
+                dev = module.weight.device
+                full = self._layer_mean(name, module).float().to(dev) + draw.to(dev)
                 out.update({prefix + k: v for k, v in split_matrix(module, full).items()})
             elif isinstance(layer, DiagLayer):
                 for local, prec in layer.precision.items():
