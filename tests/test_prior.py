@@ -39,7 +39,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, zo
     model = tiny_model()
     prior = zoo.build_prior(model, loader(), progress=False, smoke=True, dataset="random-16px",
                             generator=torch.Generator().manual_seed(0))
-    path = prior.save(str(tmp_path_factory.mktemp("prior") / "tiny-prior"), model=model)
+    path = prior.save(str(tmp_path_factory.mktemp("prior") / "tiny-prior"))  # the contract's form: no model=
     return model, prior, path
 
 
@@ -108,6 +108,17 @@ def test_repository_files_and_metadata(built) -> None:
         assert factors and all(f.get_tensor(k).dtype == torch.float32 for k in factors)
     card = (path / "README.md").read_text()
     assert "prior-zoo" in card
+
+
+def test_save_needs_the_model_that_carries_the_mean(built, tmp_path: Path) -> None:
+    prior = built[1]
+    detached = zoo.Prior(prior.mean, prior.layers, prior.meta)
+    with pytest.raises(zoo.ModelError, match="model="):
+        detached.save(str(tmp_path / "p"))
+    other = tiny_model(seed=3)
+    with pytest.raises(ArtifactError, match="differs from the prior's mean"):
+        prior.save(str(tmp_path / "q"), model=other)
+    assert not (tmp_path / "q").exists()
 
 
 def test_timm_alone_loads_the_weights(built) -> None:

@@ -98,7 +98,7 @@ def build_prior(
     mean = {k: v.detach().clone().cpu() for k, v in model.named_parameters() if v.requires_grad}
     meta = prior_meta(model, fit, lam_value, blocks.n, fisher, approx, dataset, time.perf_counter() - t0, t_curv,
                       smoke, timm_name)
-    return Prior(mean, layers, meta)
+    return Prior(mean, layers, meta, model=model)
 
 
 def prior_meta(

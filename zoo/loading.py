@@ -40,6 +40,7 @@ def load(
     model = create_model(root, config)
     load_weights(root, model, config, verify=verify)
     prior = load_prior(root, model, verify=verify)
+    prior.model = model
     current = getattr(model, "num_classes", None)
     if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
         raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
@@ -87,4 +88,4 @@ def replace_head(model: nn.Module, prior: Prior, num_classes: int, lam: float) -
         return new_head if name == head_name else old[name]
 
     meta = dict(prior.meta, num_classes=num_classes, head="replaced: N(0, λ⁻¹I)")
-    return Prior(mean, LazyLayers(names, layer), meta)
+    return Prior(mean, LazyLayers(names, layer), meta, model=model)

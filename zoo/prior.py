@@ -44,21 +44,29 @@ class Prior:
     `meta` is the JSON metadata of the artifact (prior_config.json). A Posterior is a Prior too.
     """
 
-    def __init__(self, mean: Mapping[str, Tensor], layers: Mapping[str, Layer], meta: dict[str, Any]) -> None:
+    def __init__(
+        self, mean: Mapping[str, Tensor], layers: Mapping[str, Layer], meta: dict[str, Any],
+        model: nn.Module | None = None,
+    ) -> None:
         self.mean = mean
         self.layers = layers
         self.meta = meta
+        self.model = model  # the model carrying the mean (and its buffers), when known: what save() writes
 
     def __repr__(self) -> str:
         kind = self.meta.get("kind", "prior").capitalize()
         name = self.meta.get("timm_name") or self.meta.get("architecture")
         return f"{kind}({name}, {len(self.layers)} layers)"
 
-    def save(self, directory: str, *, model: nn.Module) -> Path:
-        """Write the hub repository (DESIGN.md format) for this prior with `model` carrying its mean."""
+    def save(self, directory: str, *, model: nn.Module | None = None) -> Path:
+        """Write the hub repository (DESIGN.md format); `model` carries the mean and defaults to the prior's own."""
         from zoo.artifact import save_prior
 
-        return save_prior(self, directory, model)
+        target = model if model is not None else self.model
+        if target is None:
+            raise ModelError("this prior does not know its model; pass save(directory, model=model) with the "
+                             "model whose weights are its mean")
+        return save_prior(self, directory, target)
 
     @classmethod
     def load(cls, directory: str, *, model: nn.Module, verify: bool = True) -> Prior:
