@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
-import time
-from collections.abc import Callable
 
 import timm
 import torch
 import torch.nn.functional as F
+from timing import cuda_median_time
 
 from zoo.curvature import KronBlock, kfac
 
@@ -38,19 +36,6 @@ def block_error(a: dict, b: dict) -> float:
             x, y = x.double().cpu(), y.double().cpu()
             worst = max(worst, float((x - y).norm() / y.norm().clamp_min(1e-30)))
     return worst
-
-
-def timed(fn: Callable[[], object], repeats: int = 3) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> int:
@@ -83,9 +68,9 @@ def main() -> int:
                 F.cross_entropy(model(x), y, reduction="sum").backward()
             model.zero_grad(set_to_none=True)
 
-        base = timed(plain)
-        expand = timed(lambda model=gpu_model, data=data: kfac(model, data, progress=False))
-        reduce = timed(lambda model=gpu_model, data=data: kfac(model, data, approx="reduce", progress=False))
+        base = cuda_median_time(plain)
+        expand = cuda_median_time(lambda model=gpu_model, data=data: kfac(model, data, progress=False))
+        reduce = cuda_median_time(lambda model=gpu_model, data=data: kfac(model, data, approx="reduce", progress=False))
         print(f"{arch}: plain {base:.3f}s, K-FAC expand {expand / base:.2f}x, reduce {reduce / base:.2f}x", flush=True)
     return 0 if ok else 1
 

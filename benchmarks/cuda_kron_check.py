@@ -5,10 +5,11 @@
 
 from __future__ import annotations
 
-import statistics
 import time
+from collections.abc import Callable
 
 import torch
+from timing import cuda_median_time
 
 from zoo.kron import KronPrecision, kl_divergence
 
@@ -21,15 +22,8 @@ def spd(n: int, samples: int, seed: int, device: str) -> torch.Tensor:
     return (x @ x.T).to(device)
 
 
-def timed(fn, repeats: int = 5) -> float:
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def timed(fn: Callable[[], object], repeats: int = 5) -> float:
+    return cuda_median_time(fn, repeats, warmup=False)
 
 
 def main() -> None:
