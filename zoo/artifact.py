@@ -13,7 +13,6 @@ shape against the model before a single tensor is used. Nothing is pickled and n
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -26,6 +25,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from zoo.errors import ArtifactError
+from zoo.hub_mirror import sha256_file
 from zoo.kron import KronPrecision
 from zoo.layers import DiagLayer, IsoLayer, KronLayer, Layer
 from zoo.prior import LazyLayers, Prior
@@ -37,14 +37,6 @@ PRIOR_CONFIG = "prior_config.json"
 CARD = "README.md"
 META_KEY = "prior_zoo"
 SEP = "::"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _layer_index(prior: Prior) -> dict[str, dict[str, Any]]:

@@ -27,6 +27,7 @@ from timm.data import ImageNetInfo, create_transform, resolve_data_config
 
 from zoo.build import build_prior
 from zoo.loading import load
+from zoo.posterior import entropy
 from zoo.pretrained import efficientnet_lite0
 
 CROPS = 24
@@ -38,10 +39,6 @@ def _sample_photos() -> list[tuple[str, Image.Image]]:
 
     photos = load_sample_images()
     return [(Path(f).stem, Image.fromarray(a)) for f, a in zip(photos.filenames, photos.images, strict=True)]
-
-
-def _entropy(p: torch.Tensor) -> torch.Tensor:
-    return -(p * p.clamp_min(1e-30).log()).sum(-1)
 
 
 def run_demo(json_path: str | None = None, seed: int = 0) -> dict[str, Any]:
@@ -100,17 +97,17 @@ def run_demo(json_path: str | None = None, seed: int = 0) -> dict[str, Any]:
         feats = torch.cat([features, torch.ones(len(features), 1)], dim=1)
         probs_s = torch.einsum("ni,soi->sno", feats, draws).softmax(-1)
     probs = probs_s.mean(0)
-    entropy = _entropy(probs)
-    aleatoric = _entropy(probs_s).mean(0)
-    epistemic = entropy - aleatoric
+    total = entropy(probs)
+    aleatoric = entropy(probs_s).mean(0)
+    epistemic = total - aleatoric
     print(f"4. last-layer predictive from the prior's classifier block, {SAMPLES} samples (nats); a smoke prior "
           f"from {prior.meta['curvature']['n']} crops stays close to N(θ*, λ⁻¹I), so it is wide and says so")
     rows = []
     for i, name in enumerate(names):
         label = info.index_to_description(int(probs[i].argmax()))
-        rows.append({"input": name, "label": label, "prob": float(probs[i].max()), "entropy": float(entropy[i]),
+        rows.append({"input": name, "label": label, "prob": float(probs[i].max()), "entropy": float(total[i]),
                      "expected_entropy": float(aleatoric[i]), "mutual_information": float(epistemic[i])})
-        print(f"   {name:>7s}: {label[:28]:<28s} p={rows[-1]['prob']:.2f}  total={entropy[i]:.3f}  "
+        print(f"   {name:>7s}: {label[:28]:<28s} p={rows[-1]['prob']:.2f}  total={total[i]:.3f}  "
               f"aleatoric={aleatoric[i]:.3f}  epistemic={epistemic[i]:.4f}")
     result = {
         "model": "efficientnet_lite0 (offline ImageNet weights)", "crops": prior.meta["curvature"]["n"],
