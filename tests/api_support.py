@@ -118,3 +118,24 @@ def encode(img: Image.Image, fmt: str = "PNG", **kwargs: object) -> bytes:
 def noise_image(width: int, height: int, seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+_REPOS: dict[str, Path] = {}
+
+
+def tiny_repo_once(base: Path) -> Path:
+    """The tiny repository, built once per test session (several test modules share it)."""
+    if "tiny" not in _REPOS:
+        _REPOS["tiny"] = build_tiny_repo(base / "tiny-prior")
+    return _REPOS["tiny"]
+
+
+def tiny_tensor(images: list[bytes]) -> torch.Tensor:
+    """The images preprocessed exactly as the server does for the tiny model (timm's data config + transform)."""
+    from timm.data import create_transform, resolve_data_config
+
+    import zoo
+
+    model, _ = zoo.load(str(_REPOS["tiny"]))
+    transform = create_transform(**resolve_data_config(model=model))
+    return torch.stack([transform(Image.open(io.BytesIO(b)).convert("RGB")) for b in images])
