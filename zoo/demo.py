@@ -15,6 +15,7 @@ This is a smoke build on two photos, not an ImageNet prior; the full loop replac
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -27,11 +28,46 @@ from timm.data import ImageNetInfo, create_transform, resolve_data_config
 
 from zoo.build import build_prior
 from zoo.loading import load
-from zoo.posterior import entropy
+from zoo.predictive import entropy
 from zoo.pretrained import efficientnet_lite0
+from zoo.prior import Prior
 
 CROPS = 24
 SAMPLES = 32
+DEFAULT_NAME = "efficientnet_lite0-smoke-kfac"
+"""The repository name of the embedded default (what `zoo serve` with no REF serves)."""
+
+
+def cache_root(cache_dir: str | None = None) -> Path:
+    """Where prior-zoo keeps what it builds on first use: `cache_dir`, else $ZOO_CACHE, else ~/.cache/prior-zoo."""
+    root = cache_dir or os.environ.get("ZOO_CACHE") or str(Path.home() / ".cache" / "prior-zoo")
+    return Path(root).expanduser()
+
+
+def embedded_default(cache_dir: str | None = None, *, progress: bool = True, seed: int = 0) -> Path:
+    """The embedded default's repository directory, built on first use (about 30 s on CPU) and reused after."""
+    target = cache_root(cache_dir) / DEFAULT_NAME
+    if (target / "prior_config.json").is_file():
+        return target
+    model = efficientnet_lite0().eval()
+    prior = build_default_prior(model, seed=seed, progress=progress)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return prior.save(str(target), model=model)
+
+
+def build_default_prior(model: torch.nn.Module, *, seed: int = 0, progress: bool = True) -> Prior:
+    """The smoke prior of the offline ImageNet efficientnet_lite0 on random crops of the two sample photos."""
+    cfg = resolve_data_config(model=model)
+    train = create_transform(**cfg, is_training=True, hflip=0.5, color_jitter=0.0)
+    photos = _sample_photos()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        crops = torch.stack([train(photos[i % len(photos)][1]) for i in range(CROPS)])
+    labels = torch.zeros(CROPS, dtype=torch.long)  # unused by the MC Fisher
+    loader = [(crops[i : i + 8], labels[i : i + 8]) for i in range(0, CROPS, 8)]
+    return build_prior(model, loader, fisher="mc", generator=generator, progress=progress,
+                       dataset="sklearn-sample-photos (crops)", smoke=True, timm_name="efficientnet_lite0")
 
 
 def _sample_photos() -> list[tuple[str, Image.Image]]:

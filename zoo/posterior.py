@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
@@ -26,7 +25,10 @@ from tqdm.auto import tqdm
 from zoo.errors import ConfigError, DataError, ModelError, NumericalError
 from zoo.layers import Layer
 from zoo.pacbayes import GibbsCertificate, gibbs_certificate
+from zoo.predictive import Prediction, entropy
 from zoo.prior import Prior
+
+__all__ = ["Certificate", "Posterior", "Prediction", "entropy"]
 
 DEFAULT_SAMPLE_SHARE = 0.2
 """Share of δ spent on the Monte Carlo step (δ' = 0.2·δ); the kl-bound gets the rest, so the total is δ."""
@@ -84,22 +86,6 @@ class Certificate:
         if self.taylor_bound is not None:
             lines.append(f"taylor bound: {self.taylor_bound:.4f}  ({self.taylor_kind})")
         return "\n".join(lines)
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """The Monte Carlo predictive of a posterior: probabilities and the entropy split, all in nats."""
-
-    probs: Tensor  # (N, C): (1/S) Σ_s softmax(f(x; θ_s))
-    entropy: Tensor  # (N,): H[p̄], total uncertainty
-    expected_entropy: Tensor  # (N,): E_s H[p_s], aleatoric
-    mutual_information: Tensor  # (N,): H[p̄] − E_s H[p_s], epistemic
-    samples: int
-
-
-def entropy(p: Tensor) -> Tensor:
-    """H[p] in nats along the last axis, with 0·log 0 = 0."""
-    return -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(-1)
 
 
 class Posterior(Prior):
@@ -174,42 +160,6 @@ class Posterior(Prior):
         if params is None:
             return self.model(x)
         return functional_call(self.model, dict(params), (x,), strict=False)
-
-    @torch.no_grad()
-    def predict(
-        self, images: Tensor, samples: int = 32, generator: torch.Generator | None = None, *, batch_size: int = 256
-    ) -> Prediction:
-        """Bayesian model average over `samples` weight draws θ_s ~ Q of preprocessed (N, C, H, W) images."""
-        if not isinstance(images, Tensor) or images.ndim < 2 or images.shape[0] == 0:
-            raise DataError("images must be a non-empty preprocessed tensor (N, C, H, W); use the model's timm "
-                            "transforms (timm.data.create_transform) to make one")
-        s = _positive_int(samples, "samples")
-        device = next(self.model.parameters()).device
-        gen = generator if generator is not None else torch.Generator().manual_seed(0)
-        mode = self.model.training
-        self.model.eval()
-        try:
-            probs_sum: Tensor | None = None
-            ent_sum: Tensor | None = None
-            for _ in range(s):
-                params = self._draw(gen)
-                p = torch.cat([
-                    F.softmax(self._forward(params, images[i:i + batch_size].to(device)).double(), dim=-1)
-                    for i in range(0, images.shape[0], batch_size)
-                ])
-                if not bool(torch.isfinite(p).all()):
-                    raise NumericalError("a weight draw produced non-finite outputs; the posterior is too wide "
-                                         "for this model (refit with a smaller learning rate or check the prior)")
-                probs_sum = p if probs_sum is None else probs_sum + p
-                ent_sum = entropy(p) if ent_sum is None else ent_sum + entropy(p)
-        finally:
-            self.model.train(mode)
-        assert probs_sum is not None and ent_sum is not None
-        mean = probs_sum / s
-        total = entropy(mean)
-        expected = ent_sum / s
-        return Prediction(probs=mean.float().cpu(), entropy=total.cpu(), expected_entropy=expected.cpu(),
-                          mutual_information=(total - expected).cpu(), samples=s)
 
     @torch.no_grad()
     def gibbs_errors(

@@ -5,14 +5,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from zoo.errors import ArtifactError, ModelError
+from zoo.errors import ArtifactError, ConfigError, ModelError
 from zoo.kron import kl_divergence, kl_to_isotropic
 from zoo.layers import DiagLayer, IsoLayer, KronLayer, Layer, kron_matrix, split_matrix
+
+if TYPE_CHECKING:
+    from zoo.predictive import Prediction
 
 
 class LazyLayers(Mapping[str, Layer]):
@@ -127,6 +130,45 @@ class Prior:
                     noise = torch.randn(shape, generator=generator, dtype=torch.float32)
                     out[prefix + local] = noise / math.sqrt(layer.lam)
         return out
+
+    def predict(
+        self,
+        images: Tensor,
+        samples: int = 32,
+        generator: torch.Generator | None = None,
+        *,
+        mode: str | None = None,
+        batch_size: int = 256,
+    ) -> Prediction:
+        """The predictive of preprocessed (N, C, H, W) images on this Gaussian's label space, labelled by `mode`.
+
+        mode "glm" (linearised, the default), "nn" (weight draws through the network) or "fast" (the classifier's
+        logit Gaussian, one forward pass); see zoo.predictive. A prior predicts like the network it came from.
+        """
+        from zoo.predictive import predict
+
+        return predict(self, images, samples, generator, mode=mode, batch_size=batch_size)
+
+    def scaled(self, factors: Mapping[str, float]) -> Prior:
+        """The same Gaussian with layer l's precision multiplied by factors[l] (absent layers keep theirs).
+
+        Decompositions are reweighted, never recomputed; used to apply a prior strength κ chosen on data.
+        """
+        layers: dict[str, Layer] = {}
+        for name in self.layers:
+            k = float(factors.get(name, 1.0))
+            if not (math.isfinite(k) and k > 0):
+                raise ConfigError(f"a precision factor must be positive and finite, got {k} for layer {name!r}")
+            layer = self.layers[name]
+            if k == 1.0:
+                layers[name] = layer
+            elif isinstance(layer, KronLayer):
+                layers[name] = KronLayer(layer.precision * k, layer.params)
+            elif isinstance(layer, DiagLayer):
+                layers[name] = DiagLayer({p: v * k for p, v in layer.precision.items()})
+            else:
+                layers[name] = IsoLayer(layer.lam * k, layer.params)
+        return Prior(self.mean, layers, dict(self.meta), model=self.model)
 
     def kl(self, other: Prior) -> Tensor:
         """KL(self ‖ other), summed over layers; both must cover the same modules."""

@@ -1,0 +1,236 @@
+"""Predictive distributions of a Gaussian over a network's weights (METHOD.md §6), in three labelled modes.
+
+- "glm": the linearised network f(x; θ̂) + J(x)(θ − θ̂), one forward-mode Jacobian-vector product per weight
+  draw. Its logits stay a Gaussian around the trained network, so a broad posterior widens the predictive
+  instead of moving it to where the network is bad (Immer, Korzepa & Bauer 2021).
+- "nn": Monte Carlo over weight draws θ_s ~ Q through the network itself; faithful, but broad Kronecker
+  posteriors underfit in it.
+- "fast": one forward pass. The classifier's exact logit Gaussian given the features, N(W̄φ̃, T_out diag(c) T_outᵀ)
+  with c = (1/D)(T_inᵀφ̃)², is sampled in function space (the body stays at its mean).
+
+All draws are made once per `Predictor` from its seed and shared by every image (common random numbers), so an
+image's prediction does not depend on what else is in the batch: micro-batched and single calls agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, jvp
+
+from zoo.errors import ConfigError, DataError, ModelError, NumericalError
+from zoo.layers import IsoLayer, KronLayer
+
+if TYPE_CHECKING:
+    from zoo.prior import Prior
+
+MODES = ("glm", "nn", "fast")
+DEFAULT_MODE = "glm"
+"""Chosen by measurement (benchmarks/transfer.py, README "Predictive modes"): the linearised predictive keeps the
+network's accuracy and lowers NLL/ECE where Monte Carlo through the network underfits."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A predictive distribution and its uncertainty split, all in nats, labelled with how it was computed."""
+
+    probs: Tensor  # (N, C): (1/S) Σ_s softmax(f_s(x))
+    entropy: Tensor  # (N,): H[p̄], total uncertainty
+    expected_entropy: Tensor  # (N,): E_s H[p_s], aleatoric
+    mutual_information: Tensor  # (N,): H[p̄] − E_s H[p_s], epistemic
+    samples: int
+    mode: str = "nn"
+
+
+def entropy(p: Tensor) -> Tensor:
+    """H[p] in nats along the last axis, with 0·log 0 = 0."""
+    return -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(-1)
+
+
+def summarise(logits: Tensor, mode: str) -> Prediction:
+    """The Bayesian model average of (S, N, C) logit draws, with total / aleatoric / epistemic entropy."""
+    if not bool(torch.isfinite(logits).all()):
+        raise NumericalError("a draw produced non-finite logits; the Gaussian is too wide for this network "
+                             "(use mode='glm' or 'fast', or refit the posterior)")
+    log_p = F.log_softmax(logits.double(), dim=-1)
+    p = log_p.exp()
+    mean = p.mean(0)
+    expected = -(p * log_p).sum(-1).mean(0)
+    total = entropy(mean)
+    # H[p̄] ≥ E H[p_s] by concavity; rounding can leave −1e-16, which is a zero, not a negative information
+    info = total - expected
+    if bool((info < -1e-9).any()):
+        raise NumericalError(f"mutual information {info.min().item():.3g} < 0; report this")
+    info = torch.where(info < 0, torch.zeros_like(info), info)
+    return Prediction(probs=mean.float().cpu(), entropy=total.cpu(), expected_entropy=expected.cpu(),
+                      mutual_information=info.cpu(), samples=int(logits.shape[0]), mode=mode)
+
+
+def check_mode(mode: str | None) -> str:
+    """The mode to use (None: DEFAULT_MODE), or a ConfigError naming the choices."""
+    chosen = DEFAULT_MODE if mode is None else mode
+    if chosen not in MODES:
+        raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
+    return chosen
+
+
+def check_images(images: object) -> Tensor:
+    if not isinstance(images, Tensor) or images.ndim < 2 or images.shape[0] == 0:
+        raise DataError("images must be a non-empty preprocessed tensor (N, C, H, W); use the model's timm "
+                        "transforms (timm.data.create_transform) to make one")
+    if not images.dtype.is_floating_point:
+        raise DataError(f"images must be floating point (got {images.dtype}); preprocess them with the model's "
+                        "timm transforms")
+    return images
+
+
+def classifier_name(model: nn.Module) -> str:
+    """The module name of the network's final Linear layer (timm's pretrained_cfg 'classifier', else the last)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    modules = dict(model.named_modules())
+    name = cfg.get("classifier")
+    if isinstance(name, str) and isinstance(modules.get(name), nn.Linear):
+        return name
+    linear = [k for k, m in modules.items() if isinstance(m, nn.Linear)]
+    if not linear:
+        raise ModelError("the fast predictive needs a Linear classifier; this model has none, use mode='glm'")
+    return linear[-1]
+
+
+class Predictor:
+    """A Gaussian's predictive in one mode, with its draws made once (from `seed` or `generator`) and reused."""
+
+    def __init__(
+        self,
+        gaussian: Prior,
+        *,
+        mode: str | None = None,
+        samples: int = 32,
+        seed: int = 0,
+        generator: torch.Generator | None = None,
+        batch_size: int = 256,
+    ) -> None:
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise ConfigError(f"samples must be a positive integer, got {samples!r}")
+        model = getattr(gaussian, "model", None)
+        if model is None:
+            raise ModelError("this Gaussian does not know its network; load it with zoo.load (which sets .model)")
+        self.gaussian, self.model, self.mode, self.samples = gaussian, model, check_mode(mode), samples
+        self.batch_size = batch_size
+        gen = generator if generator is not None else torch.Generator().manual_seed(seed)
+        self.device = next(model.parameters()).device
+        if self.mode == "fast":
+            self._head = classifier_name(model)
+            self._head_cov = _head_covariance(gaussian, model, self._head)
+            out = self._head_cov[0].shape[0]
+            z = torch.randn((samples, out), generator=gen, dtype=torch.float64)
+            self._noise = (self._head_cov[0] @ z.T.to(self._head_cov[0])).T  # T_out z: rotated once, (S, out)
+            self._z = z
+        else:
+            mean = {k: v for k, v in model.named_parameters() if k in gaussian.mean}
+            self._draws = [_like(gaussian.sample(model, gen), mean) for _ in range(samples)]
+            if self.mode == "glm":
+                self._draws = [{k: d[k] - mean[k].detach() for k in d} for d in self._draws]
+
+    @torch.no_grad()
+    def logits(self, images: Tensor) -> Tensor:
+        """(S, N, C) logit draws in this predictor's mode."""
+        x = check_images(images)
+        chunks = [self._logits(x[i:i + self.batch_size].to(self.device))
+                  for i in range(0, x.shape[0], self.batch_size)]
+        return torch.cat(chunks, dim=1)
+
+    def __call__(self, images: Tensor) -> Prediction:
+        training = self.model.training
+        self.model.eval()
+        try:
+            return summarise(self.logits(images), self.mode)
+        finally:
+            self.model.train(training)
+
+    def _logits(self, x: Tensor) -> Tensor:
+        if self.mode == "nn":
+            return torch.stack([functional_call(self.model, d, (x,), strict=False) for d in self._draws])
+        if self.mode == "glm":
+            params = {k: v.detach() for k, v in self.model.named_parameters()}
+            out = []
+            for tangent in self._draws:
+                names = list(tangent)
+
+                def f(*values: Tensor, names: list[str] = names) -> Tensor:
+                    return functional_call(self.model, {**params, **dict(zip(names, values, strict=True))}, (x,))
+
+                mean, delta = jvp(f, tuple(params[k] for k in names), tuple(tangent[k] for k in names))
+                out.append(mean + delta)
+            return torch.stack(out)
+        return self._fast_logits(x)
+
+    def _fast_logits(self, x: Tensor) -> Tensor:
+        t_out, inv_d, t_in, has_bias = self._head_cov
+        head = dict(self.model.named_modules())[self._head]
+        features = _pre_logits(self.model, self._head, x)
+        mean = head(features).double()
+        phi = features.double()
+        if has_bias:
+            phi = torch.cat([phi, torch.ones(phi.shape[0], 1, dtype=phi.dtype, device=phi.device)], dim=1)
+        a = phi.to(t_in) @ t_in if t_in is not None else phi.to(inv_d)
+        c = a.square() @ inv_d.T  # (N, out): variance of each rotated logit coordinate
+        std = c.sqrt()
+        # f_s = mean + T_out (√c ⊙ z_s): the rotation T_out is applied per image to its scaled draws
+        draws = torch.einsum("oj,nj,sj->sno", t_out, std.to(t_out), self._z.to(t_out))
+        return mean[None] + draws.to(mean)
+
+
+def _like(params: Mapping[str, Tensor], reference: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A draw on the device and in the dtype of the network's own parameters."""
+    return {k: v.to(reference[k]) for k, v in params.items()}
+
+
+def _pre_logits(model: nn.Module, head: str, x: Tensor) -> Tensor:
+    """The classifier's input for x, captured by a hook on one forward pass (any architecture)."""
+    captured: list[Tensor] = []
+    module = dict(model.named_modules())[head]
+    handle = module.register_forward_pre_hook(lambda _m, inputs: captured.append(inputs[0]))
+    try:
+        model(x)
+    finally:
+        handle.remove()
+    return captured[0].reshape(x.shape[0], -1)
+
+
+def _head_covariance(gaussian: Prior, model: nn.Module, head: str) -> tuple[Tensor, Tensor, Tensor | None, bool]:
+    """(T_out, 1/D, T_in, bias?) with Cov[vec W] = (T_in ⊗ T_out) diag(1/D) (T_in ⊗ T_out)ᵀ, float64."""
+    layer = gaussian.layers.get(head) if hasattr(gaussian.layers, "get") else None
+    module = dict(model.named_modules())[head]
+    device = next(model.parameters()).device
+    if isinstance(layer, KronLayer):
+        dec = layer.precision.decomposition()
+        inv_d = 1.0 / dec.positive_diagonal()
+        return (dec.side_out.T.to(device), inv_d.to(device), dec.side_in.T.to(device), "bias" in layer.params)
+    if isinstance(layer, IsoLayer):
+        out = module.weight.shape[0]
+        inn = module.weight.shape[1] + (1 if "bias" in layer.params else 0)
+        eye = torch.eye(out, dtype=torch.float64, device=device)
+        return eye, torch.full((out, inn), 1.0 / layer.lam, dtype=torch.float64, device=device), None, \
+            "bias" in layer.params
+    raise ModelError(f"the classifier {head!r} has no Kronecker or isotropic block in this Gaussian; "
+                     "use mode='glm' or mode='nn'")
+
+
+def predict(
+    gaussian: Prior,
+    images: Tensor,
+    samples: int = 32,
+    generator: torch.Generator | None = None,
+    *,
+    mode: str | None = None,
+    batch_size: int = 256,
+) -> Prediction:
+    """One-off predictive of `images` under `gaussian` (Prior.predict / Posterior.predict call this)."""
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    return Predictor(gaussian, mode=mode, samples=samples, generator=gen, batch_size=batch_size)(images)
