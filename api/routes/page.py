@@ -17,7 +17,7 @@ PAGE = """<!doctype html>
   body { font-family: system-ui, sans-serif; max-width: 44rem; margin: 2rem auto; padding: 0 1rem; color: #222; }
   h1 { font-size: 1.4rem; }
   form { display: flex; gap: .5rem; flex-wrap: wrap; align-items: center; margin-bottom: 1rem; }
-  .row { display: grid; grid-template-columns: 15rem 1fr 4.5rem; gap: .5rem; align-items: center; margin: .2rem 0; }
+  .row { display: grid; grid-template-columns: 17rem 1fr 4.5rem; gap: .5rem; align-items: center; margin: .2rem 0; }
   .bar { background: #eee; height: 1rem; border-radius: 3px; overflow: hidden; }
   .bar > div { height: 100%; background: #3b7dd8; }
   .bar.total > div { background: #555; } .bar.aleatoric > div { background: #d89b3b; }

@@ -25,7 +25,7 @@ from api.state import ServiceDep
 router = APIRouter(prefix="/v1", tags=["v1"])
 
 MAX_TOP_K = 1000
-ERRORS = {code: {"model": ErrorBody} for code in (404, 413, 415, 422, 503)}
+ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 413, 415, 422, 503)}
 
 
 def model_info(served: ServedModel) -> ModelInfo:
@@ -37,7 +37,7 @@ def model_info(served: ServedModel) -> ModelInfo:
     )
 
 
-@router.get("/models", response_model=ModelList, responses={503: {"model": ErrorBody}})
+@router.get("/models", response_model=ModelList, responses={c: {"model": ErrorBody} for c in (401, 503)})
 def list_models(service: ServiceDep) -> ModelList:
     """The models this server serves (the REFs of its command line)."""
     if not service.registry.ready:

@@ -37,7 +37,7 @@ router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
 INPUT = "images"
 OUTPUTS = ("probs", "entropy", "expected_entropy", "mutual_information")
 HEADER_LENGTH = "Inference-Header-Content-Length"
-ERRORS = {code: {"model": ErrorBody} for code in (400, 404, 413, 422, 503)}
+ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 413, 422, 503)}
 
 
 @router.get("", response_model=ServerMetadata)
