@@ -51,14 +51,11 @@ def create_app(settings: Settings, *, on_loaded: LoadCallback | None = None) -> 
     service = Service(settings=settings, registry=Registry(), metrics=Metrics())
 
     def load() -> None:
-        error: str | None = None
         try:
-            service.registry.load_all(settings, resolve_refs(settings))
-        except Exception as err:  # recorded by the registry; readiness reports it
-            error = service.registry.error or f"{type(err).__name__}: {err}"
-            service.registry.error = error
-        if on_loaded is not None:
-            on_loaded(error)
+            service.registry.load(settings, resolve_refs)
+        finally:
+            if on_loaded is not None:
+                on_loaded(service.registry.error)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -12,7 +12,7 @@ import contextlib
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,7 +31,6 @@ class Job:
     key: Key
     images: Tensor
     future: asyncio.Future[Any]
-    enqueued: float = field(default_factory=time.perf_counter)
 
 
 @dataclass

@@ -26,7 +26,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 """Decoders PIL may use: the common web formats, not every format PIL knows (TIFF, EPS... stay off)."""
 
-INFERENCE_PATH = re.compile(r"^/v[12]/models/[^/]+/(?:versions/[^/]+/)?(?:predict|infer)$")
+INFERENCE_PATH = re.compile(r"^/v1/models/[^/]+/predict$|^/v2/models/[^/]+/infer$")
 
 
 async def send_error(send: Send, status: int, message: str, headers: dict[str, str] | None = None) -> None:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from api.errors import NotFound, Unprocessable
+from api.errors import NotFound
 from api.settings import Settings
 from zoo.errors import ConfigError
 from zoo.prior import Prior
@@ -183,11 +183,11 @@ class Registry:
         self.ready = False
         self.error: str | None = None
 
-    def load_all(self, settings: Settings, refs: Sequence[str]) -> None:
-        """Load every REF; on failure record the error (readiness then stays false and says why)."""
+    def load(self, settings: Settings, resolve: Callable[[Settings], Sequence[str]]) -> None:
+        """Resolve the REFs and load each; a failure is recorded (readiness then says why), never raised."""
         try:
             loaded: dict[str, ServedModel] = {}
-            for ref in refs:
+            for ref in resolve(settings):
                 log.info("loading %s", ref)
                 served = load_model(ref, settings)
                 if served.name in loaded:
@@ -200,7 +200,6 @@ class Registry:
         except Exception as err:  # any loading failure is reported by /health/ready and the CLI
             self.error = f"{type(err).__name__}: {err}"
             log.error("loading failed: %s", self.error)
-            raise
 
     def get(self, name: str) -> ServedModel:
         model = self.models.get(name)
@@ -208,8 +207,3 @@ class Registry:
             served = ", ".join(sorted(self.models)) or "none yet"
             raise NotFound(f"no model named {name!r}; served: {served} (GET /v1/models)")
         return model
-
-    def check_samples(self, samples: int | None, settings: Settings) -> int | None:
-        if samples is not None and not 1 <= samples <= settings.max_samples:
-            raise Unprocessable(f"samples must be between 1 and {settings.max_samples}, got {samples}")
-        return samples

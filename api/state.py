@@ -52,10 +52,16 @@ class Service:
         finally:
             self.metrics.inference.observe(time.perf_counter() - start)
 
-    def model(self, name: str) -> ServedModel:
-        """A served model by name: 503 while loading, 404 when unknown."""
+    def require_ready(self) -> None:
+        """503 with the reason until loading has finished (and for good if it failed)."""
+        if self.registry.error is not None:
+            raise Busy(f"loading the models failed: {self.registry.error}", retry_after=60)
         if not self.registry.ready:
             raise Busy("models are still loading; retry when GET /health/ready answers 200", retry_after=5)
+
+    def model(self, name: str) -> ServedModel:
+        """A served model by name: 503 while loading, 404 when unknown."""
+        self.require_ready()
         return self.registry.get(name)
 
     async def predict(self, name: str, samples: int | None, images: Tensor) -> Any:

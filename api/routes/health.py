@@ -4,20 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from api.errors import Busy
 from api.schemas import ErrorBody, Health
-from api.state import Service, ServiceDep
+from api.state import ServiceDep
 
 router = APIRouter(prefix="/health", tags=["health"])
-
-
-def require_ready(service: Service) -> None:
-    """503 with the reason until loading has finished (and for good if it failed)."""
-    registry = service.registry
-    if registry.error is not None:
-        raise Busy(f"loading the models failed: {registry.error}", retry_after=60)
-    if not registry.ready:
-        raise Busy("models are still loading", retry_after=5)
 
 
 @router.get("/live", response_model=Health)
@@ -27,5 +17,5 @@ def live() -> Health:
 
 @router.get("/ready", response_model=Health, responses={503: {"model": ErrorBody}})
 def ready(service: ServiceDep) -> Health:
-    require_ready(service)
+    service.require_ready()
     return Health(status="ready", models=sorted(service.registry.models))

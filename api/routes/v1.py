@@ -40,8 +40,7 @@ def model_info(served: ServedModel) -> ModelInfo:
 @router.get("/models", response_model=ModelList, responses={c: {"model": ErrorBody} for c in (401, 503)})
 def list_models(service: ServiceDep) -> ModelList:
     """The models this server serves (the REFs of its command line)."""
-    if not service.registry.ready:
-        service.model("")  # raises the 503 that says they are loading
+    service.require_ready()
     return ModelList(models=[model_info(m) for m in service.registry.models.values()])
 
 

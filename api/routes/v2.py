@@ -17,7 +17,6 @@ from pydantic import ValidationError
 
 from api.errors import ApiError, TooLarge, Unprocessable
 from api.models import ServedModel
-from api.routes.health import require_ready
 from api.schemas import (
     ErrorBody,
     InferRequest,
@@ -52,7 +51,7 @@ def server_live() -> LiveResponse:
 
 @router.get("/health/ready", response_model=ReadyResponse, responses={503: {"model": ErrorBody}})
 def server_ready(service: ServiceDep) -> ReadyResponse:
-    require_ready(service)
+    service.require_ready()
     return ReadyResponse(ready=True)
 
 
