@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from api.errors import NotFound
+from api.errors import NotFound, Unprocessable
 from api.settings import Settings
 from zoo.errors import ConfigError
 from zoo.prior import Prior
@@ -83,6 +83,22 @@ class ServedModel:
         cert = self.gaussian.meta.get("certificate")
         return cert if isinstance(cert, dict) else None
 
+    @property
+    def draws_weights(self) -> bool:
+        """Whether a predictor holds whole-network weight draws (nn, glm): memory grows with samples × parameters."""
+        return self.mode in ("nn", "glm")
+
+    def check_samples(self, samples: int | None, max_samples: int) -> None:
+        """422 unless `samples` is servable: at most --max-samples, and in nn/glm at most the draws made at startup,
+        so that no request can allocate more weight draws than the server was started with."""
+        if samples is None:
+            return
+        if samples > max_samples:
+            raise Unprocessable(f"samples must be at most {max_samples} (--max-samples), got {samples}")
+        if self.draws_weights and samples > self.samples:
+            raise Unprocessable(f"in {self.mode} mode the weight draws are made once at startup: samples must be at "
+                                f"most {self.samples} (start the server with a larger --samples), got {samples}")
+
     def predictor(self, samples: int | None = None) -> Predict:
         """The predictor for `samples` draws: the default one is built at load, others on first use (LRU-bounded).
 
@@ -100,7 +116,8 @@ class ServedModel:
         with self._lock:
             self._predictors[s] = predictor
             # the default predictor stays; others are evicted oldest first
-            while len(self._predictors) > self.cache_size + 1:
+            keep = 1 if self.draws_weights else self.cache_size  # weight draws are large: one other set at most
+            while len(self._predictors) > keep + 1:
                 oldest = next(k for k in self._predictors if k != self.samples)
                 del self._predictors[oldest]
         return predictor
@@ -176,7 +193,7 @@ def load_model(ref: str, settings: Settings) -> ServedModel:
 
 
 class Registry:
-    """The models being served, filled once by `load_all` (in a background thread) before readiness."""
+    """The models being served, filled once by `load` (in a background thread) before readiness."""
 
     def __init__(self) -> None:
         self.models: dict[str, ServedModel] = {}

@@ -7,7 +7,7 @@
    httpx loop, bounded at concurrency 1, 8 and 32, posts one JPEG per request; p50/p99 latency and req/s, the
    median of --reps repetitions.
 2. Service overhead: req/s at concurrency 8 against the same work in process (decode, timm transform, Predictor on
-   batches of 8).
+   batches of 8), alternated repetition by repetition.
 3. 1,000 requests at concurrency 16 (fast): errors, and the server's RSS at the start and the end.
 4. nn mode, 30 samples, 32 images of timm resnet18 at 64 px: zoo.predictive.Predictor against laplace-torch's
    `nn` predictive (KronLaplace, BatchNorm frozen) on the same model. `pip install laplace-torch` (the bench extra).
@@ -109,8 +109,8 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def measure(url: str, name: str, image: bytes, requests: int, concurrency: int, reps: int) -> dict[str, float]:
-    """Median over repetitions of p50, p99 (ms) and req/s; one warm-up round first."""
-    asyncio.run(load(url, name, image, concurrency, concurrency))
+    """Median over repetitions of p50, p99 (ms) and req/s; one warm-up request first."""
+    asyncio.run(load(url, name, image, 1, 1))
     runs = [asyncio.run(load(url, name, image, requests, concurrency)) for _ in range(reps)]
     errors = sum(r[2] for r in runs)
     return {
@@ -137,8 +137,9 @@ def warm_median_time(fn: Callable[[], object], reps: int) -> float:
     return median_time(fn, reps)
 
 
-def in_process_rps(ref: str, image: bytes, batch: int, reps: int) -> float:
-    """Images per second of decode + timm transform + fast Predictor on batches of `batch`, in this process."""
+def overhead_section(ref: str, name: str, image: bytes, reps: int) -> None:
+    """Service req/s at concurrency 8 against the same work in process (decode, timm transform, fast Predictor on
+    batches of 8), alternating the two in each repetition so that both see the same machine load."""
     from timm.data import create_transform, resolve_data_config
 
     import zoo
@@ -149,22 +150,38 @@ def in_process_rps(ref: str, image: bytes, batch: int, reps: int) -> float:
     transform = create_transform(**resolve_data_config(model=model))
     predictor = Predictor(prior, mode="fast", samples=32, seed=0)
 
-    def run() -> None:
-        x = torch.stack([transform(Image.open(io.BytesIO(image)).convert("RGB")) for _ in range(batch)])
-        predictor(x)
+    def in_process() -> None:
+        predictor(torch.stack([transform(Image.open(io.BytesIO(image)).convert("RGB")) for _ in range(8)]))
 
-    return batch / warm_median_time(run, reps)
+    local, served = [], []
+    with zoo_serve(ref, "--mode", "fast") as (url, _):
+        in_process()
+        asyncio.run(load(url, name, image, 8, 8))
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            for _ in range(3):
+                in_process()
+            local.append(24 / (time.perf_counter() - t0))
+            lat, wall, _ = asyncio.run(load(url, name, image, 24, 8))
+            served.append(len(lat) / wall)
+    a, b = statistics.median(local), statistics.median(served)
+    print(f"in process (decode + transform + fast Predictor, batches of 8): {a:.2f} images/s; service at "
+          f"concurrency 8: {b:.2f} req/s; service overhead {100 * (a / b - 1):.1f}% (target ≤ 10%)")
 
 
-def service_section(ref: str, name: str, image: bytes, requests: int, reps: int) -> None:
+SERVERS = {"map": ("--mode", "map"), "fast": ("--mode", "fast"), "nn-32": ("--mode", "nn", "--samples", "32")}
+
+
+def service_section(ref: str, name: str, image: bytes, requests: int, reps: int, modes: list[str]) -> None:
     results: dict[str, dict[int, dict[str, float]]] = {}
-    servers = {"map": ("--mode", "map"), "fast": ("--mode", "fast"), "nn-32": ("--mode", "nn", "--samples", "32")}
-    for label, args in servers.items():
-        with zoo_serve(ref, *args, "--max-batch", "32", "--max-wait-ms", "5") as (url, _):
+    for label in modes:
+        with zoo_serve(ref, *SERVERS[label], "--max-batch", "32", "--max-wait-ms", "5") as (url, _):
             results[label] = {}
             for c in LEVELS:
-                n = requests if label != "nn-32" else max(2 * c, 8)  # nn: 32 forward passes per image
-                results[label][c] = measure(url, name, image, n, c, reps)
+                # nn runs 32 forward passes per image: c requests (one batch) a repetition, and one repetition
+                # at concurrency 32, where a batch takes minutes on two CPU cores
+                n, r = (requests, reps) if label != "nn-32" else (c, reps if c < 32 else 1)
+                results[label][c] = measure(url, name, image, n, c, r)
                 r = results[label][c]
                 print(f"  {label:>6s}  c={c:<3d} p50 {r['p50']:8.1f} ms  p99 {r['p99']:8.1f} ms  "
                       f"{r['rps']:7.2f} req/s  errors {r['errors']}", flush=True)
@@ -172,25 +189,30 @@ def service_section(ref: str, name: str, image: bytes, requests: int, reps: int)
     for label, rows in results.items():
         for c, r in rows.items():
             print(f"| {label} | {c} | {r['p50']:.1f} | {r['p99']:.1f} | {r['rps']:.2f} |")
+    if "fast" not in results or "map" not in results:
+        return
     for c in LEVELS:
         ratio = results["fast"][c]["p50"] / results["map"][c]["p50"]
         print(f"fast / MAP p50 at concurrency {c}: {ratio:.2f}x (target ≤ 1.5x)")
-    inproc = in_process_rps(ref, image, 8, reps)
-    overhead = inproc / results["fast"][8]["rps"] - 1
-    print(f"in-process fast predict (decode + transform + Predictor, batches of 8): {inproc:.2f} images/s; "
-          f"service at concurrency 8: {results['fast'][8]['rps']:.2f} req/s; overhead {100 * overhead:.1f}% "
-          "(target ≤ 10%)")
 
 
 def soak_section(ref: str, name: str, image: bytes) -> None:
+    """1,000 requests at concurrency 16 in four rounds, with the server's RSS after each (flat: no leak)."""
     with zoo_serve(ref, "--mode", "fast") as (url, pid):
-        asyncio.run(load(url, name, image, 32, 16))  # warm-up: allocator pools, predictor, connections
-        start = rss_mib(pid)
-        lat, wall, errors = asyncio.run(load(url, name, image, 1000, 16))
-        end = rss_mib(pid)
+        asyncio.run(load(url, name, image, 64, 16))  # warm-up: allocator pools, predictor, connections
+        rss = [rss_mib(pid)]
+        lat: list[float] = []
+        wall, errors = 0.0, 0
+        for _ in range(4):
+            part, seconds, failed = asyncio.run(load(url, name, image, 250, 16))
+            lat += part
+            wall += seconds
+            errors += failed
+            rss.append(rss_mib(pid))
     print(f"1,000 requests at concurrency 16 (fast): {errors} errors, {len(lat) / wall:.1f} req/s, "
-          f"p50 {1000 * percentile(lat, 0.5):.1f} ms, p99 {1000 * percentile(lat, 0.99):.1f} ms; "
-          f"server RSS {start:.0f} MiB at the start, {end:.0f} MiB at the end ({end - start:+.0f} MiB)")
+          f"p50 {1000 * percentile(lat, 0.5):.1f} ms, p99 {1000 * percentile(lat, 0.99):.1f} ms; server RSS "
+          f"{rss[0]:.0f} MiB at the start, {rss[-1]:.0f} MiB at the end ({rss[-1] - rss[0]:+.0f} MiB); "
+          f"after each 250: {', '.join(f'{r:.0f}' for r in rss[1:])} MiB")
 
 
 def laplace_section(reps: int) -> None:
@@ -246,7 +268,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3, help="repetitions per figure (median)")
     parser.add_argument("--requests", type=int, default=64, help="requests per repetition (map and fast)")
     parser.add_argument("--no-laplace", action="store_true", help="skip the laplace-torch comparison")
-    parser.add_argument("--only", choices=("service", "soak", "laplace"), help="run one section")
+    parser.add_argument("--only", choices=("service", "overhead", "soak", "laplace"), help="run one section")
+    parser.add_argument("--modes", default="map,fast,nn-32", help="servers of the service section (map,fast,nn-32)")
     args = parser.parse_args()
     from zoo.demo import embedded_default
 
@@ -255,7 +278,9 @@ def main() -> None:
     image = photo_jpeg()
     print(f"model {name} ({ref}); {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs")
     if args.only in (None, "service"):
-        service_section(ref, name, image, args.requests, args.reps)
+        service_section(ref, name, image, args.requests, args.reps, args.modes.split(","))
+    if args.only in (None, "overhead"):
+        overhead_section(ref, name, image, args.reps)
     if args.only in (None, "soak"):
         soak_section(ref, name, image)
     if args.only in (None, "laplace") and not args.no_laplace:

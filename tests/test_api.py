@@ -322,6 +322,10 @@ def test_micro_batching_returns_the_unbatched_numbers(repo: Path) -> None:
     with serving(**common, max_batch=32, max_wait_ms=300) as batched:
         together = [r.json() for r in asyncio.run(_concurrent(batched.url, images, top_k=5))]
         assert _batch_mean(batched.url) > 1  # they really shared forward passes
+        # nn draws weights once at startup: a request may use fewer draws, never more than were made
+        assert predict(batched.url, images[0], samples=4).json()["samples"] == 4
+        r = predict(batched.url, images[0], samples=9)
+        assert r.status_code == 422 and "--samples" in r.json()["error"]
     for a, b in zip(one_by_one, together, strict=True):
         pa, pb = a["predictions"][0], b["predictions"][0]
         assert a["mode"] == b["mode"] == "nn"

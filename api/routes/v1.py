@@ -8,7 +8,7 @@ import torch
 from fastapi import APIRouter, File, Query, UploadFile
 from torch import Tensor
 
-from api.errors import TooLarge, Unprocessable
+from api.errors import TooLarge
 from api.limits import decode_image
 from api.models import ServedModel
 from api.schemas import (
@@ -55,13 +55,12 @@ async def predict(
     files: Annotated[list[UploadFile], File(description="one or more images (JPEG, PNG, WebP, GIF, BMP)")],
     service: ServiceDep,
     top_k: Annotated[int, Query(ge=1, le=MAX_TOP_K, description="classes per image (at most the class count)")] = 5,
-    samples: Annotated[int | None, Query(ge=1, description="draws for this request (default: the served)")] = None,
+    samples: Annotated[int | None, Query(ge=1, description="draws for this request (default: --samples)")] = None,
 ) -> PredictResponse:
     """Predictive probabilities and the entropy split (total, aleatoric, epistemic; nats), one entry per file."""
     settings = service.settings
     served = service.model(name)
-    if samples is not None and samples > settings.max_samples:
-        raise Unprocessable(f"samples must be at most {settings.max_samples} (--max-samples), got {samples}")
+    served.check_samples(samples, settings.max_samples)
     if len(files) > settings.max_files:
         raise TooLarge(f"{len(files)} files in one request, over the limit of {settings.max_files} "
                        "(--max-files / ZOO_MAX_FILES); split the request")
