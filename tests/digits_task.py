@@ -47,17 +47,22 @@ def upstream_data() -> tuple[torch.Tensor, torch.Tensor]:
     return x[keep], y[keep]
 
 
-PRIOR_LAMBDA = 1e4
-"""The reference precision of the upstream prior (std 0.01 per weight), fixed before any downstream data is seen.
-The default d/‖θ‖² (≈ 24 here) makes draws from the prior, and from any posterior near it, random classifiers."""
+PRIOR_LAMBDA: float | None = None
+"""The reference precision of the upstream prior: None, build_prior's own (the evidence-chosen λ, then the width
+checked on held-out upstream digits), fixed before any downstream data is seen."""
+HOLDOUT = 128
+"""Upstream digits kept out of pretraining: the first batch of the build data, which build_prior holds out."""
 HEAD_LAMBDA = 24.0
 """The new head's N(0, λ⁻¹I), fixed in advance (≈ d/‖θ‖² of the upstream network)."""
 
 
 @functools.cache
-def upstream_prior_dir(epochs: int = 8, seed: int = 0, lam: float = PRIOR_LAMBDA) -> Path:
-    """Pretrain on digits 0–4, build the prior on the same data, save it; the directory lives for the process."""
-    x, y = upstream_data()
+def upstream_prior_dir(epochs: int = 8, seed: int = 0, lam: float | None = PRIOR_LAMBDA) -> Path:
+    """Pretrain on digits 0–4 but HOLDOUT of them, build the prior with those first, save; lives for the process."""
+    x_all, y_all = upstream_data()
+    order = torch.randperm(x_all.shape[0], generator=torch.Generator().manual_seed(seed))
+    x_held, y_held = x_all[order[:HOLDOUT]], y_all[order[:HOLDOUT]]
+    x, y = x_all[order[HOLDOUT:]], y_all[order[HOLDOUT:]]
     torch.manual_seed(seed)
     model = timm.create_model(ARCH, num_classes=CLASSES)
     model.pretrained_cfg = dict(model.pretrained_cfg, input_size=(3, SIZE, SIZE), crop_pct=1.0,
@@ -72,7 +77,8 @@ def upstream_prior_dir(epochs: int = 8, seed: int = 0, lam: float = PRIOR_LAMBDA
             F.cross_entropy(model(xb), yb).backward()
             opt.step()
     model.eval()
-    prior = zoo.build_prior(model, batches(x, y, 128), lam=lam, progress=False, dataset="sklearn-digits-0-4",
+    build_data = [(x_held, y_held), *batches(x, y, 128)]  # batch 0 is held out by build_prior (holdout=0.1)
+    prior = zoo.build_prior(model, build_data, lam=lam, progress=False, dataset="sklearn-digits-0-4",
                             generator=torch.Generator().manual_seed(seed), timm_name=f"{ARCH}.digits04")
     root = Path(tempfile.mkdtemp(prefix="zoo-digits-"))
     atexit.register(shutil.rmtree, root, True)

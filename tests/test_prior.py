@@ -37,7 +37,7 @@ def loader(seed: int = 0, n: int = 16, batch: int = 8, num_classes: int = 4) -> 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, zoo.Prior, Path]:
     model = tiny_model()
-    prior = zoo.build_prior(model, loader(), progress=False, smoke=True, dataset="random-16px",
+    prior = zoo.build_prior(model, loader(), holdout=0, progress=False, smoke=True, dataset="random-16px",
                             generator=torch.Generator().manual_seed(0))
     path = prior.save(str(tmp_path_factory.mktemp("prior") / "tiny-prior"))  # the contract's form: no model=
     return model, prior, path
@@ -75,7 +75,8 @@ def test_quadratic_is_zero_at_the_mean_and_matches_dense(built) -> None:
 def test_scales_enter_the_precision_as_documented(built) -> None:
     model, prior, _ = built
     blocks = kfac(model, loader(), progress=False, generator=torch.Generator().manual_seed(0))
-    lam = prior.meta["lambda"]
+    lam, t = prior.meta["lambda"], prior.meta["precision_multiplier"]
+    assert t == 1.0  # no held-out data here; test_build_predictive checks t ≠ 1
     for name, block in blocks.items():
         s = prior.meta["scales"][name or "<root>"]
         layer = prior.layers[name]

@@ -10,6 +10,7 @@ from torch import nn
 
 import zoo
 from zoo import DataError, ModelError, NumericalError
+from zoo.marglik import STRENGTH_GRID
 from zoo.pacbayes import catoni_grid
 from zoo.tuning import finetune, isotropic_prior, objective_value
 
@@ -79,14 +80,27 @@ def test_finetune_returns_a_posterior_whose_kl_matches_the_fit(prior_and_model) 
     prior, base = prior_and_model
     model = tiny(2)
     model.load_state_dict(base.state_dict())
-    post = finetune(model, prior, data(5), epochs=5, lr=1e-2, progress=False, sharpen=(1.0,),
+    post = finetune(model, prior, data(5), epochs=5, lr=1e-2, progress=False, width="laplace",
                     generator=torch.Generator().manual_seed(0))
     assert post.meta["kind"] == "posterior" and post.meta["curvature"]["n"] == 24
-    assert post.kl(prior).item() == pytest.approx(post.meta["bound"]["kl"], rel=1e-6)
-    again = finetune(_copy(base), prior, data(5), epochs=5, lr=1e-2, progress=False, sharpen=(1.0,),
+    assert post.meta["width"]["chosen"] == "laplace" and post.meta["strength"]["method"] == "marglik"
+    # the certificate's prior is κP with κ chosen on the grid, paid for by the union bound
+    kappa = post.meta["strength"]["kappa"]
+    assert set(kappa) == {"body"} and kappa["body"] in STRENGTH_GRID
+    assert post.meta["hypotheses"] == len(STRENGTH_GRID)
+    assert post.kl(post.prior).item() == pytest.approx(post.meta["bound"]["kl"], rel=1e-6)
+    again = finetune(_copy(base), prior, data(5), epochs=5, lr=1e-2, progress=False, width="laplace",
                      generator=torch.Generator().manual_seed(0))
     for k, v in post.mean.items():
         torch.testing.assert_close(v, again.mean[k])  # seeded: identical reruns
+
+
+def test_bound_choices_keep_the_prior_and_fit_the_scales(prior_and_model) -> None:
+    prior, base = prior_and_model
+    post = finetune(_copy(base), prior, data(5), epochs=5, lr=1e-2, progress=False, strength="bound", width="bound",
+                    sharpen=(1.0,), generator=torch.Generator().manual_seed(0))
+    assert post.meta["hypotheses"] == 1 and post.meta["width"]["chosen"] == "bound"
+    assert post.kl(prior).item() == pytest.approx(post.meta["bound"]["kl"], rel=1e-6)
 
 
 def _copy(base: nn.Module) -> nn.Module:

@@ -129,7 +129,6 @@ class Predictor:
             self._head_cov = _head_covariance(gaussian, model, self._head)
             out = self._head_cov[0].shape[0]
             z = torch.randn((samples, out), generator=gen, dtype=torch.float64)
-            self._noise = (self._head_cov[0] @ z.T.to(self._head_cov[0])).T  # T_out z: rotated once, (S, out)
             self._z = z
         else:
             mean = {k: v for k, v in model.named_parameters() if k in gaussian.mean}
@@ -153,24 +152,52 @@ class Predictor:
         finally:
             self.model.train(training)
 
+    @torch.no_grad()
+    def linear_parts(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """(mean logits (N, C), deviations (S, N, C)) of a mode linear in the draw ("glm" or "fast").
+
+        Logits are mean + deviation_s; a Gaussian whose precision is multiplied by t has deviations / √t, so one
+        pass serves a whole grid of widths (zoo.calibration).
+        """
+        if self.mode == "nn":
+            raise ConfigError("the nn predictive is not linear in the weight draw; use mode='glm' or 'fast'")
+        x = check_images(images)
+        training = self.model.training
+        self.model.eval()
+        try:
+            means, devs = [], []
+            for i in range(0, x.shape[0], self.batch_size):
+                chunk = x[i:i + self.batch_size].to(self.device)
+                mean, dev = self._glm_parts(chunk) if self.mode == "glm" else self._fast_parts(chunk)
+                means.append(mean)
+                devs.append(dev)
+        finally:
+            self.model.train(training)
+        return torch.cat(means), torch.cat(devs, dim=1)
+
     def _logits(self, x: Tensor) -> Tensor:
         if self.mode == "nn":
             return torch.stack([functional_call(self.model, d, (x,), strict=False) for d in self._draws])
-        if self.mode == "glm":
-            params = {k: v.detach() for k, v in self.model.named_parameters()}
-            out = []
-            for tangent in self._draws:
-                names = list(tangent)
+        mean, dev = self._glm_parts(x) if self.mode == "glm" else self._fast_parts(x)
+        return mean[None] + dev
 
-                def f(*values: Tensor, names: list[str] = names) -> Tensor:
-                    return functional_call(self.model, {**params, **dict(zip(names, values, strict=True))}, (x,))
+    def _glm_parts(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """f(x; θ̂) and J(x)(θ_s − θ̂) for every draw, by forward-mode products."""
+        params = {k: v.detach() for k, v in self.model.named_parameters()}
+        names = list(self._draws[0])
 
-                mean, delta = jvp(f, tuple(params[k] for k in names), tuple(tangent[k] for k in names))
-                out.append(mean + delta)
-            return torch.stack(out)
-        return self._fast_logits(x)
+        def f(*values: Tensor) -> Tensor:
+            return functional_call(self.model, {**params, **dict(zip(names, values, strict=True))}, (x,))
 
-    def _fast_logits(self, x: Tensor) -> Tensor:
+        primals = tuple(params[k] for k in names)
+        mean, devs = None, []
+        for tangent in self._draws:
+            mean, delta = jvp(f, primals, tuple(tangent[k] for k in names))
+            devs.append(delta)
+        assert mean is not None
+        return mean, torch.stack(devs)
+
+    def _fast_parts(self, x: Tensor) -> tuple[Tensor, Tensor]:
         t_out, inv_d, t_in, has_bias = self._head_cov
         head = dict(self.model.named_modules())[self._head]
         features = _pre_logits(self.model, self._head, x)
@@ -183,7 +210,7 @@ class Predictor:
         std = c.sqrt()
         # f_s = mean + T_out (√c ⊙ z_s): the rotation T_out is applied per image to its scaled draws
         draws = torch.einsum("oj,nj,sj->sno", t_out, std.to(t_out), self._z.to(t_out))
-        return mean[None] + draws.to(mean)
+        return mean, draws.to(mean)
 
 
 def _like(params: Mapping[str, Tensor], reference: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -28,12 +28,16 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from zoo import __version__
+from zoo.calibration import select_width
 from zoo.curvature import DiagonalBlock, KronBlock, kfac
 from zoo.errors import ConfigError, DataError, ModelError, NumericalError
 from zoo.kron import KronPrecision, extend, rescale_parts, split_diagonal
+from zoo.kron.exact import EIGH_FALLBACKS
 from zoo.layers import DiagLayer, IsoLayer, KronLayer, Layer, kron_matrix
+from zoo.marglik import STRENGTH_GRID, choose_strengths
 from zoo.pacbayes import catoni_grid, catoni_objective, kl_bound, map_objective, mcallester_objective
 from zoo.posterior import Posterior, check_architecture
+from zoo.predictive import check_mode
 from zoo.prior import Prior
 from zoo.scales import LayerSpectrum, ScaleFit, evaluate, fit_scales
 
@@ -75,8 +79,8 @@ def finetune(
     train_loader: Iterable[Any],
     objective: str = "catoni",
     *,
-    epochs: int = 50,
-    lr: float = 1e-3,
+    epochs: int = 30,
+    lr: float = 1e-2,
     val_loader: Iterable[Any] | None = None,
     patience: int = 5,
     delta: float = 0.05,
@@ -86,52 +90,79 @@ def finetune(
     fit_objective: str | None = None,
     dataset: str = "unknown",
     prior_ref: str | None = None,
+    strength: str = "marglik",
+    width: str = "auto",
     sharpen: Sequence[float] | None = None,
     selection_samples: int = 8,
 ) -> Posterior:
     """Fine-tune `model` (whose weights start at the prior mean) on `train_loader` and return its Posterior.
 
-    `objective` is "catoni", "mcallester" or "map". Adam with `lr` runs `epochs` epochs; with `val_loader` it
-    stops after `patience` epochs without a lower validation NLL and keeps the best weights. `generator` seeds
-    everything random here (the MC Fisher's labels, any stochastic layers); the loader's shuffling is the
-    loader's own. The scales α, β, τ are fitted on the `fit_objective` bound ("catoni" by default, or
-    "mcallester"). The posterior's curvature term is then multiplied by the `sharpen` value (default grid
-    SHARPEN_GRID; pass (1.0,) to keep the Taylor fit as is) whose Q has the lowest kl-bound on a Monte Carlo
-    estimate from `selection_samples` draws. The model is updated in place and becomes the posterior's `model`.
+    `objective` is "catoni", "mcallester" or "map": the bound (or MAP objective) the mean is trained on. Adam
+    with `lr` runs `epochs` epochs; with `val_loader` it stops after `patience` epochs without a lower
+    validation NLL and keeps the best weights. `generator` seeds everything random here (the MC Fisher's labels,
+    any stochastic layers); the loader's shuffling is the loader's own.
+
+    `strength="marglik"` (default) serves prediction: the prior enters as κP, one κ for the pretrained body and
+    one for a new head, each chosen on `zoo.marglik.STRENGTH_GRID` by the Laplace evidence of the training data
+    (refreshed during training), and paid for in the certificate by the union bound over the grid. Catoni's c
+    then stays at ln 2, where c·risk_bits + KL/n is the posterior's own NLL + ½κ·quadratic/n: with κ free, c
+    carries no further information. `strength="bound"` keeps the prior as given and re-chooses c by the bound.
+
+    `width` picks Q: "laplace" is N(θ̂, (F_new + κP)⁻¹), the Laplace posterior of the evidence-chosen prior;
+    "bound" fits α, β, τ per layer on the `fit_objective` Taylor bound and multiplies the curvature by the
+    `sharpen` value (grid SHARPEN_GRID) with the lowest kl-bound on `selection_samples` Monte Carlo draws;
+    "auto" (default) uses "bound" only where a bound can be informative (the kl-bound at zero training error is
+    below 0.5) and "laplace" elsewhere. The model is updated in place and becomes the posterior's `model`.
     """
     if objective not in OBJECTIVES:
         raise ConfigError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     fit_obj = fit_objective or ("mcallester" if objective == "mcallester" else "catoni")
     if fit_obj not in ("catoni", "mcallester"):
         raise ConfigError(f"fit_objective must be 'catoni' or 'mcallester', got {fit_obj!r}")
+    if strength not in STRENGTHS:
+        raise ConfigError(f"strength must be one of {STRENGTHS}, got {strength!r}")
+    if width not in WIDTHS:
+        raise ConfigError(f"width must be one of {WIDTHS}, got {width!r}")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ConfigError(f"epochs must be a non-negative integer, got {epochs!r}")
     if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
-        raise ConfigError(f"lr must be a positive number, e.g. 1e-3; got {lr!r}")
+        raise ConfigError(f"lr must be a positive number, e.g. 1e-2; got {lr!r}")
     if not (isinstance(delta, int | float) and 0 < delta < 1):
         raise ConfigError(f"delta must lie in (0, 1), e.g. 0.05; got {delta!r}")
     check_architecture(model, prior)
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     seed = int(torch.randint(0, 2**62, (1,), generator=gen).item())
+    fallbacks_before = len(EIGH_FALLBACKS)
     t0 = time.perf_counter()
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
+    approx = (prior.meta.get("curvature") or {}).get("approx", "expand")
+    groups = strength_groups(prior)
+    marglik = strength == "marglik"
+    kappa = dict.fromkeys(groups.values(), STRENGTH_GRID[0] if marglik else 1.0)  # burn-in with the weakest prior
+    strength_record: list[dict[str, Any]] = []
+    refresh = max(1, epochs // 5)
     model.eval()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         n, nll0 = _scan(model, train_loader, device)
-        half_quad = (0.5 * prior.quadratic(model)).item()
-        c = _choose_c(nll0 / LN2, half_quad, n, delta, 1.0) if objective == "catoni" else None
+        active = prior.scaled({name: kappa[g] for name, g in groups.items()})
+        half_quad = (0.5 * active.quadratic(model)).item()
+        c = _choose_c(nll0 / LN2, half_quad, n, delta, 1.0) if objective == "catoni" and not marglik else LN2
         history: list[dict[str, float]] = []
         best: tuple[float, int, list[Tensor]] | None = None
         optimizer = torch.optim.Adam(params, lr=lr)
         bar = tqdm(range(epochs), desc=f"fine-tuning ({objective})", unit="epoch", disable=not progress)
         for epoch in bar:
+            if marglik and epoch > 0 and epoch % refresh == 0:
+                kappa, tables = _evidence_strengths(model, prior, train_loader, groups, fisher, approx, gen)
+                active = prior.scaled({name: kappa[g] for name, g in groups.items()})
+                strength_record.append({"epoch": epoch, "kappa": dict(kappa), "evidence": tables})
             nll_sum, count, last_half_quad = 0.0, 0, half_quad
             for x, y in train_loader:
                 x, y = x.to(device), _labels(y, device)
                 optimizer.zero_grad(set_to_none=True)
-                value, nll, hq = objective_value(model, prior, x, y, objective, n=n, delta=delta, c=c or 1.0)
+                value, nll, hq = objective_value(model, active, x, y, objective, n=n, delta=delta, c=c)
                 if not torch.isfinite(value):
                     raise NumericalError(f"the {objective} objective became {value.item()} at epoch {epoch}; lower "
                                          f"the learning rate (lr={lr}) or check the data")
@@ -143,7 +174,8 @@ def finetune(
             mean_nll = nll_sum / max(count, 1)
             record = {"epoch": epoch, "train_nll": mean_nll, "half_quadratic": last_half_quad}
             if objective == "catoni":
-                c = _choose_c(mean_nll / LN2, last_half_quad, n, delta, c or 1.0)
+                if not marglik:
+                    c = _choose_c(mean_nll / LN2, last_half_quad, n, delta, c)
                 record["c"] = c
             if val_loader is not None:
                 val_nll = _mean_nll(model, val_loader, device)
@@ -159,24 +191,97 @@ def finetune(
                 for p, value in zip(params, best[2], strict=True):
                     p.copy_(value)
     train_seconds = time.perf_counter() - t0
-    approx = (prior.meta.get("curvature") or {}).get("approx", "expand")
     blocks = kfac(model, train_loader, fisher, approx=approx, generator=gen, progress=progress)
-    pieces = fit_posterior(model, prior, blocks, objective=fit_obj, delta=delta)
+    pieces = posterior_pieces(model, prior, blocks)
+    if marglik:
+        kappa, tables = choose_strengths(pieces.spectra, {sp.name: groups[_name(sp.name)] for sp in pieces.spectra})
+        strength_record.append({"epoch": len(history), "kappa": dict(kappa), "evidence": tables})
+    by_layer = {name: kappa[g] for name, g in groups.items()}
+    reference = prior.scaled(by_layer) if marglik else prior
+    hypotheses = len(STRENGTH_GRID) ** len(kappa) if marglik else 1
     mean = {k: v.detach().clone().cpu() for k, v in model.named_parameters() if v.requires_grad}
-    chosen, selection = _select_sharpen(model, prior, pieces, mean, train_loader, sharpen, selection_samples, delta,
-                                        torch.Generator().manual_seed(seed + 1), progress)
-    fit = pieces.fit
+    laplace_layers = pieces.laplace_layers(by_layer)
+    chosen_width = width
+    if width == "auto":
+        kl_laplace = Prior(mean, laplace_layers, {}).kl(reference).item()
+        chosen_width = "bound" if kl_bound(0.0, kl_laplace, n, delta / hypotheses) < AUTO_BOUND else "laplace"
+    fit = fit_scales(pieces.rescaled_spectra(by_layer), n=blocks.n, nll_sum=blocks.nll_sum, objective=fit_obj,
+                     delta=delta)
+    pieces = PosteriorFit(pieces.unit, pieces.params, pieces.rescaled_spectra(by_layer), fit, blocks.n,
+                          blocks.nll_sum, by_layer)
+    width_record = None
+    if chosen_width == "bound":
+        chosen, selection = _select_sharpen(model, reference, pieces, mean, train_loader, sharpen, selection_samples,
+                                            delta / hypotheses, torch.Generator().manual_seed(seed + 1), progress)
+        layers = pieces.layers(chosen)
+    else:
+        chosen, selection = None, []
+        laplace = Posterior(mean, laplace_layers, {}, model=model, prior=reference)
+        temperature, width_record = select_width(laplace, train_loader, mode=check_mode(None),
+                                                 samples=selection_samples * 2,
+                                                 generator=torch.Generator().manual_seed(seed + 2))
+        layers = dict(laplace.scaled(dict.fromkeys(laplace_layers, 1.0 / temperature)).layers)
     meta = posterior_meta(
         model, prior, fit, n=blocks.n, fisher=fisher, approx=approx, dataset=dataset, objective=objective,
         training={"epochs": epochs, "epochs_run": len(history), "lr": lr, "seed": seed, "patience": patience,
                   "best_epoch": best[1] if best is not None else None, "history": history,
                   "seconds": round(train_seconds, 3),
-                  "c_note": "catoni c re-chosen per epoch on catoni_grid() at δ/|grid|; it only steers the mean"},
+                  "c_note": ("catoni c fixed at ln 2 (the trade-off is carried by κ)" if marglik else
+                             "catoni c re-chosen per epoch on catoni_grid() at δ/|grid|; it only steers the mean")},
         seconds=time.perf_counter() - t0, prior_ref=prior_ref,
     )
-    meta["bound"].update(pieces.taylor_bound(chosen, delta))
-    meta["sharpen"] = {"chosen": chosen, "selection": selection, "note": SHARPEN_NOTE}
-    return Posterior(mean, pieces.layers(chosen), meta, model=model, prior=prior)
+    meta["hypotheses"] = hypotheses
+    meta["numerics"] = {"eigh_fallbacks": EIGH_FALLBACKS[fallbacks_before:]}
+    meta["strength"] = {"method": strength, "kappa": kappa if marglik else None, "groups": sorted(set(kappa)),
+                        "grid": list(STRENGTH_GRID) if marglik else None, "history": strength_record,
+                        "note": STRENGTH_NOTE}
+    meta["width"] = {"requested": width, "chosen": chosen_width, "selection": width_record, "note": WIDTH_NOTE}
+    if chosen_width == "bound":
+        meta["bound"].update(pieces.taylor_bound(chosen, delta))
+        meta["sharpen"] = {"chosen": chosen, "selection": selection, "note": SHARPEN_NOTE}
+    else:
+        meta["bound"].update(pieces.taylor_bound_of(laplace_layer_logs(pieces.spectra, temperature), delta))
+    return Posterior(mean, layers, meta, model=model, prior=reference)
+
+
+WIDTH_NOTE = (
+    "laplace: Q = (F_new + κP)/T, T the widest on calibration.WIDTH_GRID whose predictive keeps the training "
+    "data's accuracy and NLL (within 0.01 nats); bound: scales fitted on the Taylor bound, s by the kl-bound."
+)
+STRENGTHS = ("marglik", "bound")
+WIDTHS = ("auto", "laplace", "bound")
+AUTO_BOUND = 0.5
+"""width="auto" fits the bound-based Q when even zero training error would certify below this."""
+STRENGTH_NOTE = (
+    "the prior enters as κP with κ per group (pretrained body, new head) chosen on the grid by the Laplace "
+    "evidence of the training data; the certificate is against κP and pays |grid|^groups by the union bound."
+)
+
+
+def strength_groups(prior: Prior) -> dict[str, str]:
+    """Layer name → group: "head" for layers with an isotropic (new-head) prior, "body" for the pretrained rest."""
+    return {name: ("head" if isinstance(layer, IsoLayer) else "body") for name, layer in prior.layers.items()}
+
+
+def _name(label: str) -> str:
+    return "" if label == "<root>" else label
+
+
+def _evidence_strengths(
+    model: nn.Module, prior: Prior, loader: Iterable[Any], groups: dict[str, str], fisher: str, approx: str,
+    generator: torch.Generator,
+) -> tuple[dict[str, float], dict[str, list[dict[str, float]]]]:
+    """κ per group at the current weights: a K-FAC pass, the spectra against P, the evidence on the grid."""
+    blocks = kfac(model, loader, fisher, approx=approx, generator=generator, progress=False)
+    spectra = posterior_pieces(model, prior, blocks).spectra
+    return choose_strengths(spectra, {sp.name: groups[_name(sp.name)] for sp in spectra})
+
+
+def laplace_layer_logs(spectra: Sequence[LayerSpectrum], temperature: float = 1.0) -> Tensor:
+    """log α = log β = 0 and log τ = log T for every layer: Q = (F + κP)/T (spectra already against κP)."""
+    logs = torch.zeros(len(spectra), 3, dtype=torch.float64)
+    logs[:, 2] = math.log(temperature)
+    return logs
 
 
 SHARPEN_NOTE = (
@@ -210,6 +315,13 @@ def fit_posterior(
     model: nn.Module, prior: Prior, blocks: Any, *, objective: str = "catoni", delta: float = 0.05
 ) -> PosteriorFit:
     """Per layer Q = (β F_new + α P)/τ around the model's weights, α, β, τ fitted against P on the bound."""
+    pieces = posterior_pieces(model, prior, blocks)
+    fit = fit_scales(pieces.spectra, n=blocks.n, nll_sum=blocks.nll_sum, objective=objective, delta=delta)
+    return PosteriorFit(pieces.unit, pieces.params, pieces.spectra, fit, blocks.n, blocks.nll_sum)
+
+
+def posterior_pieces(model: nn.Module, prior: Prior, blocks: Any) -> PosteriorFit:
+    """F_new + P per layer in P's basis, and the spectra u = E/R with the Mahalanobis terms (no scales fitted)."""
     modules = dict(model.named_modules())
     spectra: list[LayerSpectrum] = []
     unit: dict[str, KronPrecision | tuple[dict[str, Tensor], dict[str, Tensor]]] = {}
@@ -250,34 +362,65 @@ def fit_posterior(
         else:
             raise ModelError(f"layer {name!r}: the prior holds a {type(layer).__name__} but the curvature pass gave a "
                              f"{type(block).__name__}; the prior was built for another architecture or layer type")
-    fit = fit_scales(spectra, n=blocks.n, nll_sum=blocks.nll_sum, objective=objective, delta=delta)
-    return PosteriorFit(unit, params, spectra, fit, blocks.n, blocks.nll_sum)
+    return PosteriorFit(unit, params, spectra, None, blocks.n, blocks.nll_sum)
 
 
 class PosteriorFit:
-    """The per-layer pieces of Q = (s·β F_new + α P)/τ: build its layers for a curvature multiplier s (1: as fitted)."""
+    """The per-layer pieces of Q = (s·β F_new + α·κP)/τ: its layers for a curvature multiplier s (1: as fitted).
+
+    `kappa` (layer → κ, default 1) is the prior strength the spectra and scales refer to.
+    """
 
     def __init__(self, unit: dict[str, Any], params: dict[str, tuple[str, ...]], spectra: list[LayerSpectrum],
-                 fit: ScaleFit, n: int, nll_sum: float) -> None:
+                 fit: ScaleFit | None, n: int, nll_sum: float, kappa: dict[str, float] | None = None) -> None:
         self.unit, self.params, self.spectra, self.fit, self.n, self.nll_sum = unit, params, spectra, fit, n, nll_sum
+        self.kappa = kappa or {}
 
-    def layers(self, sharpen: float = 1.0) -> dict[str, Layer]:
+    def _layers(self, scales: dict[str, tuple[float, float]]) -> dict[str, Layer]:
+        """Layers with precision b·F_new + a·P for (b, a) = scales[name]."""
         out: dict[str, Layer] = {}
         for name, value in self.unit.items():
-            s = self.fit.scales[name or "<root>"]
-            beta_t, alpha_t = sharpen * s["beta"] / s["tau"], s["alpha"] / s["tau"]
+            b, a = scales[name]
             if isinstance(value, KronPrecision):
-                out[name] = KronLayer(rescale_parts(value, beta_t, alpha_t), self.params[name])
+                out[name] = KronLayer(rescale_parts(value, b, a), self.params[name])
             else:
                 fisher, prec = value
-                out[name] = DiagLayer({k: beta_t * fisher[k] + alpha_t * prec[k] for k in prec})
+                out[name] = DiagLayer({k: b * fisher[k] + a * prec[k] for k in prec})
         return out
+
+    def laplace_layers(self, kappa: dict[str, float]) -> dict[str, Layer]:
+        """The Laplace posterior F_new + κP per layer."""
+        return self._layers({name: (1.0, kappa.get(name, 1.0)) for name in self.unit})
+
+    def rescaled_spectra(self, kappa: dict[str, float]) -> list[LayerSpectrum]:
+        """The spectra against κP: u/κ and κ·m."""
+        out = []
+        for sp in self.spectra:
+            k = kappa.get(_name(sp.name), 1.0)
+            out.append(LayerSpectrum(sp.name, sp.ratios / k, sp.mahalanobis * k))
+        return out
+
+    def layers(self, sharpen: float = 1.0) -> dict[str, Layer]:
+        if self.fit is None:
+            raise ConfigError("these posterior pieces have no fitted scales; call fit_posterior")
+        scales = {}
+        for name in self.unit:
+            s = self.fit.scales[name or "<root>"]
+            k = self.kappa.get(name, 1.0)
+            scales[name] = (sharpen * s["beta"] / s["tau"], k * s["alpha"] / s["tau"])
+        return self._layers(scales)
 
     def taylor_bound(self, sharpen: float, delta: float) -> dict[str, float]:
         """The paper's number for the sharpened Q: Catoni on the Taylor risk in bits, c on the grid at δ/|grid|."""
+        if self.fit is None:
+            raise ConfigError("these posterior pieces have no fitted scales; call fit_posterior")
         logs = torch.tensor([[math.log(self.fit.scales[sp.name][k]) for k in ("alpha", "beta", "tau")]
                              for sp in self.spectra], dtype=torch.float64)
         logs[:, 1] += math.log(sharpen)
+        return self.taylor_bound_of(logs, delta)
+
+    def taylor_bound_of(self, logs: Tensor, delta: float) -> dict[str, float]:
+        """Catoni on the Taylor risk in bits for per-layer log α, log β, log τ (rows in spectra order)."""
         risk, kl = evaluate(self.spectra, logs, n=self.n, nll_sum=self.nll_sum)
         grid = catoni_grid()
         value, c = min((catoni_objective(risk, kl, self.n, delta / len(grid), c).item(), c) for c in grid)

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import scipy.linalg
 import torch
 from torch import Tensor
 
-from zoo.errors import SingularPrecisionError
+from zoo.errors import NumericalError, SingularPrecisionError
 from zoo.kron.decomposition import Basis, Decomposition
 from zoo.kron.validate import check_psd_eigenvalues
 
@@ -27,9 +28,52 @@ EighOf = Callable[[int], Eigh]
 MAX_WHITENING_CONDITION = 1e10
 
 
+EIGH_FALLBACKS: list[dict[str, object]] = []
+"""Every eigendecomposition that needed a fallback in this process (what, size, how), for the run's record."""
+JITTERS = (1e-13, 1e-11, 1e-9)
+"""Relative shifts tried, in this order, when LAPACK's divide-and-conquer eigh fails to converge."""
+
+
+def robust_eigh(x: Tensor, name: str) -> Eigh:
+    """float64 symmetric eigendecomposition that survives LAPACK's convergence failures.
+
+    torch's eigh (divide and conquer) can fail on matrices with clustered or repeated eigenvalues. The fallbacks,
+    in order, each recorded in EIGH_FALLBACKS: a shift by jitter·‖X‖_max·I (the shift is subtracted from the
+    eigenvalues again, so only rounding changes), then scipy's QR-iteration driver ("ev"). If all fail, or X has
+    NaN/inf entries, a NumericalError says what to do.
+    """
+    x64 = x.to(torch.float64)
+    if not bool(torch.isfinite(x64).all()):
+        raise NumericalError(f"{name} has NaN or infinite entries; the curvature pass diverged, check the data and "
+                             "the model's outputs for NaN")
+    try:
+        return torch.linalg.eigh(x64)
+    except torch.linalg.LinAlgError as err:
+        first = err
+    sym = 0.5 * (x64 + x64.mT)
+    scale = float(sym.abs().max()) or 1.0
+    eye = torch.eye(sym.shape[0], dtype=sym.dtype, device=sym.device)
+    for jitter in JITTERS:
+        shift = jitter * scale
+        try:
+            values, vectors = torch.linalg.eigh(sym + shift * eye)
+        except torch.linalg.LinAlgError:
+            continue
+        EIGH_FALLBACKS.append({"factor": name, "size": sym.shape[0], "method": "jitter", "relative": jitter})
+        return values - shift, vectors
+    try:
+        w, v = scipy.linalg.eigh(sym.cpu().numpy(), driver="ev")
+    except (ValueError, scipy.linalg.LinAlgError) as err:
+        raise NumericalError(f"the eigendecomposition of {name} ({sym.shape[0]}×{sym.shape[0]}) failed with every "
+                             f"LAPACK driver ({first}); add damping or use fisher='exact'/more data so the factor is "
+                             "better conditioned, and report this with the model name") from err
+    EIGH_FALLBACKS.append({"factor": name, "size": sym.shape[0], "method": "scipy-ev"})
+    return (torch.from_numpy(w).to(sym), torch.from_numpy(v).to(sym))
+
+
 def eigh_psd(x: Tensor, name: str, rtol: float) -> Eigh:
-    """float64 eigendecomposition of a validated PSD factor."""
-    values, vectors = torch.linalg.eigh(x.to(torch.float64))
+    """float64 eigendecomposition of a validated PSD factor (with robust_eigh's fallbacks)."""
+    values, vectors = robust_eigh(x, name)
     return check_psd_eigenvalues(values, name, rtol), vectors
 
 
@@ -63,7 +107,7 @@ def _whiten(eig_w: Eigh, x_o: Tensor, name: str, rtol: float) -> tuple[Basis, Te
     values, vectors = eig_w
     root = values.sqrt()
     half_inv = vectors / root
-    mu, v = torch.linalg.eigh(half_inv.T @ x_o @ half_inv)
+    mu, v = robust_eigh(half_inv.T @ x_o @ half_inv, "whitened factor")
     mu = check_psd_eigenvalues(mu, f"whitened {name}", rtol)
     basis = Basis(T=half_inv @ v, B=(vectors * root) @ v, logabsdet=-0.5 * values.log().sum().item())
     return basis, mu

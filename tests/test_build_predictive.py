@@ -1,0 +1,69 @@
+"""A prior predicts like the network it came from: zoo.build_prior checks its width on held-out upstream data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from torch import nn
+
+import zoo
+from zoo import metrics
+from zoo.calibration import ACCURACY_SLACK
+
+
+@pytest.fixture(scope="module")
+def overconfident() -> tuple[nn.Module, zoo.Prior, torch.Tensor, torch.Tensor]:
+    """An MLP trained to overconfidence on 300 digits; its prior built on those plus 150 held-out ones."""
+    data = load_digits()
+    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(data.target)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    x, y = x[order], y[order]
+    train_x, train_y = x[:300], y[:300]
+    held = (x[300:450], y[300:450])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(300):  # long enough to be overconfident on unseen digits
+        opt.zero_grad()
+        F.cross_entropy(model(train_x), train_y).backward()
+        opt.step()
+    loader = [held, *[(train_x[i:i + 100], train_y[i:i + 100]) for i in range(0, 300, 100)]]
+    prior = zoo.build_prior(model, loader, holdout=0.25, progress=False, generator=torch.Generator().manual_seed(0))
+    return model, prior, x[450:], y[450:]
+
+
+def test_held_out_figures_are_recorded_and_meet_the_targets(overconfident) -> None:
+    _, prior, _, _ = overconfident
+    held = prior.meta["holdout"]
+    assert held["n"] == 150 and held["met"]
+    assert held["predictive"]["accuracy"] >= held["network"]["accuracy"] - ACCURACY_SLACK
+    assert held["predictive"]["nll"] <= held["network"]["nll"]
+    assert held["predictive"]["ece"] <= held["network"]["ece"]
+    assert held["t"] < max(row["t"] for row in held["grid"])  # a real width, not the network itself
+
+
+def test_prior_predicts_like_its_network_on_unseen_data(overconfident) -> None:
+    model, prior, x, y = overconfident
+    with torch.no_grad():
+        net = torch.softmax(model(x).double(), -1)
+    pred = prior.predict(x, samples=32, generator=torch.Generator().manual_seed(1))
+    assert metrics.accuracy(pred.probs, y) >= metrics.accuracy(net, y) - 0.01
+    assert metrics.nll(pred.probs, y) < metrics.nll(net, y)
+    assert metrics.ece(pred.probs, y) < metrics.ece(net, y)
+
+
+def test_evidence_lambda_is_recorded(overconfident) -> None:
+    _, prior, _, _ = overconfident
+    record = prior.meta["lambda_evidence"]
+    best = max(record["grid"], key=lambda r: r["log_evidence"])
+    assert prior.meta["lambda"] == pytest.approx(best["kappa"] * record["base"])
+
+
+def test_no_holdout_records_that_the_width_was_not_checked() -> None:
+    model = nn.Linear(3, 2)
+    loader = [(torch.randn(8, 3), torch.randint(0, 2, (8,)))]
+    prior = zoo.build_prior(model, loader, progress=False)
+    assert prior.meta["holdout"]["n"] == 0
