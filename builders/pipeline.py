@@ -1,6 +1,6 @@
 """The build pipeline behind `zoo build`: weights + ImageFolder data → curvature → scales → artifact → card.
 
-Four steps, as DESIGN.md's data flow says:
+Four steps, as docs/design.md's data flow says:
 
 1. the curvature pass (`zoo.build_prior` → `zoo.curvature.kfac`): resumable from a checkpoint in
    ``OUT/.checkpoint`` (`--resume`), and distributed when started under torchrun (kfac gives rank r the

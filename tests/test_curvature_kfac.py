@@ -28,7 +28,7 @@ def dense_fisher(model: nn.Module, x: Tensor, names: list[str]) -> Tensor:
 
 
 def kron_in_param_order(block: KronBlock, layer: nn.Module) -> Tensor:
-    """kron(A, G) re-indexed from the METHOD.md column-stacking of [W, b] to [W.flatten(), b] order."""
+    """kron(A, G) re-indexed from the docs/method.md column-stacking of [W, b] to [W.flatten(), b] order."""
     out, d = layer.weight.shape[0], layer.weight[0].numel()
     dense = torch.kron(block.A, block.G)
     # our index of (i, j) is j·out + i, with j = d for the bias
@@ -281,7 +281,7 @@ def test_patch_rows_reproduce_the_conv(kwargs: dict) -> None:
 
 
 def _unfold_factor(xs: list[Tensor], conv: nn.Conv2d) -> Tensor:
-    """Brute-force A = Σ ā āᵀ from F.unfold patches (bias as a trailing 1), the definition in METHOD.md §2."""
+    """Brute-force A = Σ ā āᵀ from F.unfold patches (bias as a trailing 1), the definition in docs/method.md §2."""
     total = 0
     for x in xs:
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):

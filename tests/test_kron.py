@@ -1,4 +1,4 @@
-"""zoo.kron against dense torch.linalg on small layers (METHOD.md §1, §4)."""
+"""zoo.kron against dense torch.linalg on small layers (docs/method.md §1, §4)."""
 
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ def test_dense_is_the_documented_convention() -> None:
     a, g = spd(3, seed=1), spd(2, seed=2)
     p = KronPrecision([(a, g)])
     w = torch.randn(2, 3, dtype=F64)
-    # vec(W)ᵀ (A ⊗ G) vec(W) = tr(G W A Wᵀ) and (A ⊗ G) vec(V) = vec(G V Aᵀ)  (METHOD.md §1)
+    # vec(W)ᵀ (A ⊗ G) vec(W) = tr(G W A Wᵀ) and (A ⊗ G) vec(V) = vec(G V Aᵀ)  (docs/method.md §1)
     assert torch.allclose(p.dense(), torch.kron(a, g))
     assert torch.allclose(p.quadratic(w), torch.trace(g @ w @ a @ w.T))
     assert torch.allclose(torch.kron(a, g) @ vec(w), vec(g @ w @ a.T))

@@ -1,4 +1,4 @@
-"""The offline ImageNet weights: they map onto timm and classify real photos as DESIGN.md says."""
+"""The offline ImageNet weights: they map onto timm and classify real photos as docs/design.md says."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The hub repository of a prior or posterior (DESIGN.md contract): safetensors and JSON only.
+"""The hub repository of a prior or posterior (docs/design.md contract): safetensors and JSON only.
 
     config.json          timm's config, so timm alone loads the weights
     model.safetensors    the mean
@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -27,8 +27,10 @@ from torch import Tensor, nn
 from zoo.errors import ArtifactError
 from zoo.hub_mirror import sha256_file
 from zoo.kron import KronPrecision
-from zoo.layers import DiagLayer, IsoLayer, KronLayer, Layer
-from zoo.prior import LazyLayers, Prior
+from zoo.layers import DiagLayer, IsoLayer, KronLayer, Layer, LazyLayers
+
+if TYPE_CHECKING:
+    from zoo.prior import Prior
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -168,8 +170,11 @@ def check_shapes(config: dict[str, Any], model: nn.Module) -> None:
                     raise ArtifactError(f"layer {name!r}.{local}: prior shape {shape} does not match the model")
 
 
-def load_prior(directory: str | os.PathLike[str], model: nn.Module, *, verify: bool = True) -> Prior:
-    """Open a repository lazily; the mean is the model's own parameters (load its weights first)."""
+def read_prior(
+    directory: str | os.PathLike[str], model: nn.Module, *, verify: bool = True
+) -> tuple[dict[str, Tensor], LazyLayers, dict[str, Any]]:
+    """(mean, lazily read layers, metadata) of a repository; the mean is the model's own parameters (load its
+    weights first). `Prior.load` wraps them; this module knows tensors and JSON, not the Prior."""
     root = Path(directory)
     config = read_config(root)
     if config.get("format_version") != 1:
@@ -197,7 +202,7 @@ def load_prior(directory: str | os.PathLike[str], model: nn.Module, *, verify: b
         if key.startswith(f"mean{SEP}"):
             mean[key[len(f"mean{SEP}"):]] = handle.get_tensor(key)
     meta = {k: v for k, v in config.items() if k not in ("layers", "prior_sha256")}
-    return Prior(mean, LazyLayers(list(index), load), meta)
+    return mean, LazyLayers(list(index), load), meta
 
 
 def load_weights(directory: Path, model: nn.Module, config: dict[str, Any], *, verify: bool = True) -> None:

@@ -1,4 +1,4 @@
-"""zoo.build_prior: curvature pass, then PAC-Bayes-fitted scales, then a Prior (METHOD.md §2–§3, §5)."""
+"""zoo.build_prior: curvature pass, then PAC-Bayes-fitted scales, then a Prior (docs/method.md §2–§3, §5)."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ Hub validates and indexes (library_name, tags, base_model + base_model_relation,
 model-index), and `ModelCard.load` parses it back. The template is package data (`zoo/templates/model_card.md`,
 the same file as `model_cards/template.md`), so an installed zoo renders cards without the source tree.
 
-The only input is the metadata dict of `prior_config.json` (DESIGN.md, "Hub repository"): a card never says
+The only input is the metadata dict of `prior_config.json` (docs/design.md, "Hub repository"): a card never says
 more than the artifact records. A card whose metadata has no curvature is marked "not yet built"; one whose
 metadata says `smoke` is marked a smoke build, never an ImageNet prior.
 """

@@ -60,7 +60,7 @@ DEFAULT_PATTERNS: tuple[str, ...] = (
     "prior_config.json",
     "README.md",
 )
-"""The files of a prior or posterior repository (DESIGN.md, "Hub repository"); nothing else is fetched."""
+"""The files of a prior or posterior repository (docs/design.md, "Hub repository"); nothing else is fetched."""
 
 REQUIRED_FILES: tuple[str, ...] = ("config.json", "model.safetensors", "prior.safetensors", "prior_config.json")
 """The files without which a prior cannot be loaded (the model card is optional)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -56,3 +57,25 @@ class IsoLayer:
 
 
 Layer = KronLayer | DiagLayer | IsoLayer
+
+
+class LazyLayers(Mapping[str, Layer]):
+    """Layers loaded on first access, so opening a large prior reads nothing it does not use."""
+
+    def __init__(self, names: list[str], load: Callable[[str], Layer]) -> None:
+        self._names = names
+        self._load = load
+        self._cache: dict[str, Layer] = {}
+
+    def __getitem__(self, name: str) -> Layer:
+        if name not in self._cache:
+            if name not in self._names:
+                raise KeyError(name)
+            self._cache[name] = self._load(name)
+        return self._cache[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)

@@ -10,11 +10,11 @@ import timm
 import torch
 from torch import nn
 
-from zoo.artifact import CONFIG, load_prior, load_weights, read_config
+from zoo.artifact import CONFIG, load_weights, read_config
 from zoo.errors import ArtifactError, ConfigError
 from zoo.hub import download
-from zoo.layers import IsoLayer, Layer
-from zoo.prior import LazyLayers, Prior
+from zoo.layers import IsoLayer, Layer, LazyLayers
+from zoo.prior import Prior
 
 
 def load(
@@ -39,8 +39,7 @@ def load(
     config = read_config(root)
     model = create_model(root, config)
     load_weights(root, model, config, verify=verify)
-    prior = load_prior(root, model, verify=verify)
-    prior.model = model
+    prior = Prior.load(root, model=model, verify=verify)
     current = getattr(model, "num_classes", None)
     if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
         raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")

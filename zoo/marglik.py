@@ -1,4 +1,4 @@
-"""The prior strength κ chosen by the Laplace marginal likelihood (METHOD.md §6, "Widths").
+"""The prior strength κ chosen by the Laplace marginal likelihood (docs/method.md §6, "Widths").
 
 With Q = N(θ̂, (F + κP)⁻¹) the Laplace evidence of the prior κP is, up to terms free of κ,
 

@@ -3,7 +3,7 @@
 Everything here is model-free. The float functions (``mcallester_bound``, ``catoni_bound``,
 ``kl_bound``, ``kl_inverse``, ``binary_kl``) take plain numbers and validate them, because a
 bound computed from a NaN or a negative KL is not a bound. The ``*_objective`` functions take
-tensors and keep the autograd graph, for training (METHOD.md §5). ``gibbs_certificate`` turns
+tensors and keep the autograd graph, for training (docs/method.md §5). ``gibbs_certificate`` turns
 a Monte Carlo count of 0-1 errors into a rigorous certificate for the stochastic classifier.
 
 Conventions: ``n`` is the training-set size, ``kl`` is KL(Q‖P) in nats, ``delta`` is the
@@ -426,7 +426,7 @@ def gibbs_certificate(
 ) -> GibbsCertificate:
     """Rigorous Gibbs 0-1 certificate from ``errors`` mistakes made by ``samples`` weight draws on n points.
 
-    Steps (METHOD.md §5, "Certificates"):
+    Steps (docs/method.md §5, "Certificates"):
 
     1. L̂_m = errors / (n · m): each of m i.i.d. draws θ_j ~ Q is evaluated on all n training
        points, and ``errors`` is the total number of misclassifications over the n·m evaluations.

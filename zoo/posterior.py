@@ -1,4 +1,4 @@
-"""zoo.Posterior: a fine-tuned Gaussian over a model's weights, with its certificate and predictive (METHOD.md §5–§7).
+"""zoo.Posterior: a fine-tuned Gaussian over a network's weights, its certificate and predictive (docs/method.md §5–§7).
 
 A Posterior is a Prior (same layers, same repository format) that also carries the model it runs on, the prior it
 was fitted against (to compute KL(Q‖P) for certificates) and the record of how it was fitted in `meta`. Saved,
@@ -7,13 +7,11 @@ it loads through `zoo.load` like any prior, which is how a posterior becomes the
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,71 +20,14 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from zoo.certificate import DEFAULT_SAMPLE_SHARE, Certificate
 from zoo.errors import ConfigError, DataError, ModelError, NumericalError
 from zoo.layers import Layer
-from zoo.pacbayes import GibbsCertificate, gibbs_certificate
+from zoo.pacbayes import gibbs_certificate
 from zoo.predictive import Prediction, entropy
 from zoo.prior import Prior
 
-__all__ = ["Certificate", "Posterior", "Prediction", "entropy"]
-
-DEFAULT_SAMPLE_SHARE = 0.2
-"""Share of δ spent on the Monte Carlo step (δ' = 0.2·δ); the kl-bound gets the rest, so the total is δ."""
-
-
-@dataclass(frozen=True)
-class Certificate:
-    """A rigorous bound on the Gibbs 0-1 risk of a posterior, with what it is and what went into it.
-
-    `bound` holds with probability ≥ 1 − `delta` (over the training sample and the weight draws together):
-    δ is split into `gibbs.delta` for the kl-bound and `gibbs.delta_sample` for the Monte Carlo estimate.
-    `taylor_bound` is the paper's number beside it (Catoni on the Taylor-approximated NLL risk in bits, c on a
-    grid with the union bound paid); it is approximate, not a certificate, and None when not recorded.
-    """
-
-    bound: float
-    kind: str
-    delta: float
-    empirical_risk: float
-    kl: float
-    n: int
-    samples: int
-    taylor_bound: float | None
-    taylor_kind: str | None
-    hypotheses: int
-    gibbs: GibbsCertificate
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready fields (the Gibbs record nested)."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "gibbs"}
-        out["gibbs"] = self.gibbs.to_dict()
-        return out
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Certificate:
-        """Inverse of to_dict (as stored in prior_config.json under "certificate")."""
-        try:
-            gibbs_fields = {f.name for f in dataclasses.fields(GibbsCertificate)}
-            gibbs = GibbsCertificate(**{k: v for k, v in data["gibbs"].items() if k in gibbs_fields})
-            own = {f.name for f in dataclasses.fields(cls)} - {"gibbs"}
-            return cls(**{k: data[k] for k in own}, gibbs=gibbs)
-        except (KeyError, TypeError) as err:
-            raise ConfigError(f"the stored certificate is incomplete ({err}); recompute it with "
-                              "posterior.certificate(train_loader)") from err
-
-    def __str__(self) -> str:
-        lines = [
-            f"certificate: {self.bound:.4f}  (upper bound on the Gibbs 0-1 test error, "
-            f"holds w.p. ≥ {1 - self.delta:g})",
-            f"  what: {self.kind}",
-            f"  empirical Gibbs 0-1 risk {self.empirical_risk:.4f} from {self.samples} weight draws "
-            f"(upper {self.gibbs.empirical_risk_upper:.4f} at δ'={self.gibbs.delta_sample:g}), "
-            f"KL(Q‖P) = {self.kl:.2f} nats, n = {self.n}, union bound over {self.hypotheses} setting(s)",
-        ]
-        if self.taylor_bound is not None:
-            lines.append(f"taylor bound: {self.taylor_bound:.4f}  ({self.taylor_kind})")
-        return "\n".join(lines)
-
+__all__ = ["DEFAULT_SAMPLE_SHARE", "Certificate", "Posterior", "Prediction", "entropy"]
 
 class Posterior(Prior):
     """N(θ̂, Λ_Q⁻¹) after fine-tuning: a Prior that can certify itself, predict and be published.
@@ -127,7 +68,7 @@ class Posterior(Prior):
 
     # ---- publishing --------------------------------------------------------------------------------------------
     def save(self, directory: str, *, model: nn.Module | None = None) -> Path:  # type: ignore[override]
-        """Write the repository (DESIGN.md format; kind "posterior", the prior's identity, the certificate)."""
+        """Write the repository (docs/design.md format; kind "posterior", the prior's identity, the certificate)."""
         return super().save(directory, model=self.model if model is None else model)
 
     def push_to_hub(

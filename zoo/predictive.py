@@ -1,4 +1,4 @@
-"""Predictive distributions of a Gaussian over a network's weights (METHOD.md §6), in three labelled modes.
+"""Predictive distributions of a Gaussian over a network's weights (docs/method.md §6), in three labelled modes.
 
 - "glm": the linearised network f(x; θ̂) + J(x)(θ − θ̂), one forward-mode Jacobian-vector product per weight
   draw. Its logits stay a Gaussian around the trained network, so a broad posterior widens the predictive

@@ -1,9 +1,9 @@
-"""zoo.Prior: a Gaussian over a whole timm model, one block per parameter-owning module (METHOD.md §1, §3)."""
+"""zoo.Prior: a Gaussian over a whole timm model, one block per parameter-owning module (docs/method.md §1, §3)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,28 +16,6 @@ from zoo.layers import DiagLayer, IsoLayer, KronLayer, Layer, kron_matrix, split
 
 if TYPE_CHECKING:
     from zoo.predictive import Prediction
-
-
-class LazyLayers(Mapping[str, Layer]):
-    """Layers loaded on first access, so opening a large prior reads nothing it does not use."""
-
-    def __init__(self, names: list[str], load: Callable[[str], Layer]) -> None:
-        self._names = names
-        self._load = load
-        self._cache: dict[str, Layer] = {}
-
-    def __getitem__(self, name: str) -> Layer:
-        if name not in self._cache:
-            if name not in self._names:
-                raise KeyError(name)
-            self._cache[name] = self._load(name)
-        return self._cache[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
 
 
 class Prior:
@@ -62,7 +40,7 @@ class Prior:
         return f"{kind}({name}, {len(self.layers)} layers)"
 
     def save(self, directory: str, *, model: nn.Module | None = None) -> Path:
-        """Write the hub repository (DESIGN.md format); `model` carries the mean and defaults to the prior's own."""
+        """Write the hub repository (docs/design.md format); `model` carries the mean (default: the prior's own)."""
         from zoo.artifact import save_prior
 
         target = model if model is not None else self.model
@@ -74,9 +52,10 @@ class Prior:
     @classmethod
     def load(cls, directory: str, *, model: nn.Module, verify: bool = True) -> Prior:
         """Open a repository written by `save` (lazily; hashes and shapes verified) for a model with its weights."""
-        from zoo.artifact import load_prior
+        from zoo.artifact import read_prior
 
-        return load_prior(directory, model, verify=verify)
+        mean, layers, meta = read_prior(directory, model, verify=verify)
+        return cls(mean, layers, meta, model=model)
 
     # ---- the Gaussian ----------------------------------------------------------------------------------------------
     def _mean_of(self, module: str, local: str) -> Tensor:

@@ -1,4 +1,4 @@
-"""Fitting per-layer scales α, β, τ by minimising a PAC-Bayes bound (METHOD.md §3, §5).
+"""Fitting per-layer scales α, β, τ by minimising a PAC-Bayes bound (docs/method.md §3, §5).
 
 A layer's Gaussian Q has precision Λ = (β·F + α·R)/τ around its mean, against a reference Gaussian with
 precision R: for a prior, R = λI (the isotropic reference N(0, λ⁻¹I)); for a posterior, R = the prior's own

@@ -1,4 +1,4 @@
-"""zoo.finetune: PAC-Bayes fine-tuning from a prior, then a Laplace posterior with fitted scales (METHOD.md §5).
+"""zoo.finetune: PAC-Bayes fine-tuning from a prior, then a Laplace posterior with fitted scales (docs/method.md §5).
 
 1. Train the mean with Adam on a differentiable bound (Catoni or McAllester) or the MAP objective. The risk is the
    batch's mean NLL in bits, the KL's weight-dependent term is ½(θ−μ)ᵀΛ_P(θ−μ) = ½·prior.quadratic(model), and N

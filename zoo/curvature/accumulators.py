@@ -70,7 +70,7 @@ class KronAccumulator(Accumulator):
     ``rows`` counts the rows that entered A: B·positions per call (K-FAC-expand) or B per call
     (K-FAC-reduce). Dividing G by it gives G = (1/N) Σ g gᵀ for a Linear on vectors and
     G = (1/(N·T)) Σ_{n,t} g gᵀ for a conv with T output positions, so kron(A, G) approximates the
-    Fisher of the summed NLL (METHOD.md §2).
+    Fisher of the summed NLL (docs/method.md §2).
 
     For K-FAC-expand convs with a fixed input size, A is not accumulated directly: the state holds the
     shifted-window cell sums of :mod:`zoo.curvature.conv_factor` (~3× fewer multiply-adds than the unfolded

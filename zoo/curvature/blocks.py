@@ -9,7 +9,7 @@ from torch import Tensor
 
 @dataclass
 class KronBlock:
-    """Kronecker block of a Linear / Conv2d (groups == 1): Fisher ≈ kron(A, G), METHOD.md §1 convention.
+    """Kronecker block of a Linear / Conv2d (groups == 1): Fisher ≈ kron(A, G), docs/method.md §1 convention.
 
     A is in × in with the bias folded in as the last row and column (absent when the layer has no bias),
     G is out × out. A conv's in is in_channels·kh·kw (+1 for the bias).

@@ -1,6 +1,6 @@
 """``kfac``: one streaming pass over the data that returns a K-FAC / diagonal Fisher block per module.
 
-Conventions (METHOD.md §2; tested in tests/test_curvature_kfac.py):
+Conventions (docs/method.md §2; tested in tests/test_curvature_kfac.py):
 
 - Loss: ℓ_n = NLL of example n, summed over the data (never batch-averaged).
 - Linear on vectors: A = Σ_n ā ā^T (ā: input with a 1 appended for the bias), G = (1/N) Σ_n g g^T.

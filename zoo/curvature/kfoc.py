@@ -3,7 +3,7 @@
 For a Linear or Conv2d (groups == 1) layer with per-example gradients DW_n (out × in, the bias as the last
 input column, a conv's kernel flattened to out × in·kh·kw and summed over positions),
 
-    F = Σ_n vec(DW_n) vec(DW_n)ᵀ,     K-FOC = argmin_{A, G} ‖F − A ⊗ G‖_F      (METHOD.md §1 convention).
+    F = Σ_n vec(DW_n) vec(DW_n)ᵀ,     K-FOC = argmin_{A, G} ‖F − A ⊗ G‖_F      (docs/method.md §1 convention).
 
 Derivation (Van Loan–Pitsianis). Under the column-stacking vec, F[(i,a),(j,b)] = Σ_n DW_n[a,i] DW_n[b,j] and
 (A ⊗ G)[(i,a),(j,b)] = A[i,j] G[a,b]. Rearranging F into R(F)[(i,j),(a,b)] = F[(i,a),(j,b)] (in² × out²) turns

@@ -1,4 +1,4 @@
-"""Kronecker-factored Gaussian algebra for one layer (knows nothing about nn.Module; METHOD.md §1, §4)."""
+"""Kronecker-factored Gaussian algebra for one layer (knows nothing about nn.Module; docs/method.md §1, §4)."""
 
 from zoo.kron.decomposition import Decomposition
 from zoo.kron.extend import extend, isotropic_value, rescale_parts, split_diagonal

@@ -1,4 +1,4 @@
-"""Approximations for three or more terms, or two terms plus damping (METHOD.md §4).
+"""Approximations for three or more terms, or two terms plus damping (docs/method.md §4).
 
 - "eigenbasis": keep the prior exact (the last term with the damping, or the last two terms) and take every
   other term's diagonal in the prior's decomposed coordinates (the EKFAC idea). The result stays PD, and

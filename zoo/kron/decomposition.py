@@ -4,7 +4,7 @@ A precision over an (out × in) weight is held as
 
     Λ = (B_in ⊗ B_out) · diag(vec D) · (B_in ⊗ B_out)ᵀ,   B = T⁻ᵀ,   D = Σ_j w_j · c_out_j c_in_jᵀ  (out × in)
 
-so that, with vec(W) = (T_in ⊗ T_out) u, the precision of u is the diagonal D (METHOD.md §4). Orthogonal bases
+so that, with vec(W) = (T_in ⊗ T_out) u, the precision of u is the diagonal D (docs/method.md §4). Orthogonal bases
 (eigenvectors) have B = T. Solves, samples, log-determinants, traces and KL terms are then a few factor-sized
 matmuls; nothing d × d is ever built except in `dense()`, which exists for tests.
 

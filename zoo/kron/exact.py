@@ -1,4 +1,4 @@
-"""Exact decompositions: one term (+ damping) and two terms (METHOD.md §4, "Two terms are exact").
+"""Exact decompositions: one term (+ damping) and two terms (docs/method.md §4, "Two terms are exact").
 
 Two PSD terms s₀ A₀⊗G₀ + s₁ A₁⊗G₁ are diagonalised exactly by a congruence on each side: whiten by one
 factor (X_w = L Lᵀ), eigendecompose the other in whitened coordinates (L⁻¹ X_o L⁻ᵀ = V μ Vᵀ) and use

@@ -1,4 +1,4 @@
-"""A new Kronecker term added to an existing precision, in that precision's own decomposition (METHOD.md §4).
+"""A new Kronecker term added to an existing precision, in that precision's own decomposition (docs/method.md §4).
 
 A posterior precision scale·(A ⊗ G) + prior_scale·P keeps the prior's basis: P is already diagonal there (D_P),
 and the new term contributes its exact diagonal diag(T_outᵀ G T_out) diag(T_inᵀ A T_in)ᵀ in the same coordinates

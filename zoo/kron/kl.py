@@ -1,4 +1,4 @@
-"""KL divergence between Kronecker-factored Gaussians, on factors only (METHOD.md §5)."""
+"""KL divergence between Kronecker-factored Gaussians, on factors only (docs/method.md §5)."""
 
 from __future__ import annotations
 
