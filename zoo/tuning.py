@@ -205,15 +205,15 @@ def finetune(
     if width == "auto":
         kl_laplace = Prior(mean, laplace_layers, {}).kl(reference).item()
         chosen_width = "bound" if kl_bound(0.0, kl_laplace, n, delta / hypotheses) < AUTO_BOUND else "laplace"
-    fit = fit_scales(pieces.rescaled_spectra(by_layer), n=blocks.n, nll_sum=blocks.nll_sum, objective=fit_obj,
-                     delta=delta)
-    pieces = PosteriorFit(pieces.unit, pieces.params, pieces.rescaled_spectra(by_layer), fit, blocks.n,
-                          blocks.nll_sum, by_layer)
+    spectra = pieces.rescaled_spectra(by_layer)  # against κP, the prior the certificate uses
     width_record = None
     if chosen_width == "bound":
+        fit = fit_scales(spectra, n=blocks.n, nll_sum=blocks.nll_sum, objective=fit_obj, delta=delta)
+        pieces = PosteriorFit(pieces.unit, pieces.params, spectra, fit, blocks.n, blocks.nll_sum, by_layer)
         chosen, selection = _select_sharpen(model, reference, pieces, mean, train_loader, sharpen, selection_samples,
                                             delta / hypotheses, torch.Generator().manual_seed(seed + 1), progress)
         layers = pieces.layers(chosen)
+        taylor = pieces.taylor_bound(chosen, delta)
     else:
         chosen, selection = None, []
         laplace = Posterior(mean, laplace_layers, {}, model=model, prior=reference)
@@ -221,6 +221,12 @@ def finetune(
                                                  samples=selection_samples * 2,
                                                  generator=torch.Generator().manual_seed(seed + 2))
         layers = dict(laplace.scaled(dict.fromkeys(laplace_layers, 1.0 / temperature)).layers)
+        pieces = PosteriorFit(pieces.unit, pieces.params, spectra, None, blocks.n, blocks.nll_sum, by_layer)
+        taylor = pieces.taylor_bound_of(laplace_layer_logs(spectra, temperature), delta)
+        # no scale fit for the Laplace width: Q = (F_new + κP)/T is α = β = 1, τ = T against κP
+        fit = ScaleFit(scales={sp.name: {"alpha": 1.0, "beta": 1.0, "tau": temperature} for sp in spectra},
+                       objective="catoni", bound=taylor["value"], c=taylor["c"], delta=delta, kl=taylor["kl"],
+                       emp_risk_bits=taylor["emp_risk_bits"], n=blocks.n)
     meta = posterior_meta(
         model, prior, fit, n=blocks.n, fisher=fisher, approx=approx, dataset=dataset, objective=objective,
         training={"epochs": epochs, "epochs_run": len(history), "lr": lr, "seed": seed, "patience": patience,
@@ -236,11 +242,9 @@ def finetune(
                         "grid": list(STRENGTH_GRID) if marglik else None, "history": strength_record,
                         "note": STRENGTH_NOTE}
     meta["width"] = {"requested": width, "chosen": chosen_width, "selection": width_record, "note": WIDTH_NOTE}
+    meta["bound"].update(taylor)
     if chosen_width == "bound":
-        meta["bound"].update(pieces.taylor_bound(chosen, delta))
         meta["sharpen"] = {"chosen": chosen, "selection": selection, "note": SHARPEN_NOTE}
-    else:
-        meta["bound"].update(pieces.taylor_bound_of(laplace_layer_logs(pieces.spectra, temperature), delta))
     return Posterior(mean, layers, meta, model=model, prior=reference)
 
 
