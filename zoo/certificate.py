@@ -62,6 +62,8 @@ class Certificate:
             f"  empirical Gibbs 0-1 risk {self.empirical_risk:.4f} from {self.samples} weight draws "
             f"(upper {self.gibbs.empirical_risk_upper:.4f} at δ'={self.gibbs.delta_sample:g}), "
             f"KL(Q‖P) = {self.kl:.2f} nats, n = {self.n}, union bound over {self.hypotheses} setting(s)",
+            "  of: the posterior Q that predicts by default, as a stochastic network θ ~ Q (the glm and fast "
+            "predictives average the same Q; P is the prior at the strength κ chosen on the data)",
         ]
         if self.taylor_bound is not None:
             lines.append(f"taylor bound: {self.taylor_bound:.4f}  ({self.taylor_kind})")
