@@ -1,0 +1,473 @@
+"""Digits transfer benchmark (sklearn digits 0–4 → 5–9): MAP, laplace-torch and prior-zoo posteriors, one protocol.
+
+Upstream (benchmarks/transfer_task.py): each network is pretrained on 70% of digits 0–4 at 16 px and its prior is
+built there; the other 30% of digits 0–4 is the OOD set. Downstream (tests/digits_task.py): digits 5–9
+relabelled 0–4, `shots` images per class for training, every other downstream image for testing.
+
+Every fine-tune starts from the same pretrained weights and the same new-head initialisation (seeded), runs Adam
+for EPOCHS epochs at LR over the same batches, with the network in eval mode (BatchNorm keeps its upstream
+statistics, as zoo.finetune does). Rows:
+
+- MAP L2-SP: cross-entropy + (wd/2)·‖θ − θ*‖² on pretrained parameters + (wd/2)·‖θ_head‖², softmax predictive.
+  wd is picked from WD_GRID by the lowest *test* NLL, so the row is an upper bound on a tuned MAP (1 shot per
+  class leaves nothing to validate on).
+- isotropic-prior posterior: zoo.finetune against zoo.tuning.isotropic_prior(prior), default predictive.
+- learned-prior posterior: zoo.finetune against the learned prior, one row per zoo.predictive mode (the default
+  is marked); catoni in all modes, mcallester in the default mode.
+- laplace-torch last-layer KFAC on the MAP network, marglik prior precision, GLM/probit predictive (MI from 32
+  GLM samples).
+- laplace-torch all-weights KFAC on the MAP network with normalisation layers frozen, the first backend that
+  works; the others' failures are row notes.
+
+Columns: accuracy, NLL (nats), ECE (15 bins), Brier, OOD AUROC by predictive entropy and by mutual information
+("–" for a single network), fit and predict seconds (wall clock on a shared machine: noisy). Fit time of a
+laplace-torch row includes its MAP fine-tune; predict time covers test and OOD images. Mean ± std over seeds.
+
+Run: .venv/bin/python benchmarks/transfer.py [--seeds 5] [--shots 1 5 20] [--networks efficientnet_gn resnet10t]
+     [--epochs 30] [--json results.json] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import inspect
+import json
+import math
+import statistics
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from digits_task import CLASSES, HEAD_LAMBDA, downstream
+from transfer_task import NETWORKS, Upstream, upstream
+
+import zoo
+from zoo import metrics
+from zoo.tuning import isotropic_prior
+
+try:
+    from zoo import predictive
+except ImportError:  # the predictive modes are not there yet: one default row
+    predictive = None  # type: ignore[assignment]
+
+EPOCHS = 30
+LR = 1e-2
+SAMPLES = 32
+WD_GRID = (1e-2, 1e-1, 1.0, 10.0)
+METRICS = ("accuracy", "nll", "ece", "brier", "ood_auroc_entropy", "ood_auroc_mi", "fit_s", "predict_s")
+HEADERS = ("acc", "NLL", "ECE", "Brier", "AUROC-H", "AUROC-MI", "fit s", "pred s")
+
+MAP_ROW = "MAP L2-SP (wd best on test: upper bound)"
+LL_ROW = "laplace-torch last-layer KFAC (marglik, GLM probit)"
+ALL_ROW = "laplace-torch all-weights KFAC (norms frozen, marglik)"
+
+Batches = list[tuple[Tensor, Tensor]]
+
+
+def modes() -> tuple[list[str | None], str | None]:
+    """The predictive modes to run and the default one (None: Posterior.predict has no mode= yet)."""
+    has_mode = "mode" in inspect.signature(zoo.Posterior.predict).parameters
+    if predictive is None or not has_mode:
+        return [None], None
+    return list(predictive.MODES), predictive.DEFAULT_MODE
+
+
+def ours_row(objective: str, mode: str | None, default: str | None, *, isotropic: bool = False) -> str:
+    prior = "isotropic" if isotropic else "learned"
+    label = "default" if mode is None else mode + (" [default]" if mode == default else "")
+    return f"{prior}-prior posterior, {objective}, {label}"
+
+
+def laplace_module() -> Any:
+    try:
+        import laplace
+    except ImportError:
+        return None
+    return laplace
+
+
+# ---- one fit per row -------------------------------------------------------------------------------------------
+def fresh(up: Upstream, seed: int) -> tuple[nn.Module, zoo.Prior]:
+    """The pretrained network with a new head (initialised from `seed`, identical for every row) and its prior."""
+    torch.manual_seed(seed)
+    return zoo.load(str(up.prior_dir), num_classes=CLASSES, reset_head=True, lam=HEAD_LAMBDA)
+
+
+def train_map(model: nn.Module, train: Batches, wd: float, epochs: int) -> float:
+    """L2-SP fine-tune in place (Adam, eval mode, the protocol's epochs and lr); returns the seconds it took."""
+    head = model.pretrained_cfg["classifier"]
+    anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
+    is_head = {n: n == head or n.startswith(head + ".") for n in anchor}
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    opt = torch.optim.Adam([p for _, p in params], lr=LR)
+    model.eval()
+    t0 = time.perf_counter()
+    for _ in range(epochs):
+        for x, y in train:
+            opt.zero_grad(set_to_none=True)
+            penalty = sum(((p if is_head[n] else p - anchor[n]) ** 2).sum() for n, p in params)
+            (F.cross_entropy(model(x), y) + 0.5 * wd * penalty).backward()
+            opt.step()
+    return time.perf_counter() - t0
+
+
+@torch.no_grad()
+def softmax_predict(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(probs, log-probs) of the network itself, float64."""
+    model.eval()
+    log_p = F.log_softmax(model(x).double(), -1)
+    return log_p.exp(), log_p
+
+
+def mc_split(prob_samples: Tensor) -> tuple[Tensor, Tensor]:
+    """(mean probs, mutual information) of (S, N, C) probability draws; MI = H[p̄] − mean_s H[p_s]."""
+    p = prob_samples.double()
+    mean = p.mean(0)
+    return mean, torch.special.entr(mean).sum(-1) - torch.special.entr(p).sum(-1).mean(0)
+
+
+def measure(probs: Tensor, y: Tensor, ood_probs: Tensor, *, log_probs: Tensor | None = None,
+            mi: Tensor | None = None, ood_mi: Tensor | None = None) -> dict[str, Any]:
+    return metrics.summary(probs, y, log_probs=log_probs, ood_probs=ood_probs, mutual_information=mi,
+                           ood_mutual_information=ood_mi)
+
+
+def run_map(up: Upstream, train: Batches, x: Tensor, y: Tensor, seed: int,
+            epochs: int) -> tuple[nn.Module, dict[str, Any]]:
+    """Every wd of the grid; keep the one with the lowest test NLL (an upper bound, labelled as such)."""
+    best: tuple[float, nn.Module, dict[str, Any]] | None = None
+    for wd in WD_GRID:
+        model, _ = fresh(up, seed)
+        seconds = train_map(model, train, wd, epochs)
+        t0 = time.perf_counter()
+        probs, log_p = softmax_predict(model, x)
+        ood_probs, _ = softmax_predict(model, up.ood_images)
+        result = measure(probs, y, ood_probs, log_probs=log_p)
+        result.update(fit_s=seconds, predict_s=time.perf_counter() - t0, note=f"wd={wd:g}")
+        if best is None or result["nll"] < best[0]:
+            best = (result["nll"], model, result)
+    assert best is not None
+    return best[1], best[2]
+
+
+def run_ours(up: Upstream, train: Batches, x: Tensor, y: Tensor, seed: int, epochs: int, objective: str,
+             run_modes: list[str | None], default: str | None, *, isotropic: bool = False) -> dict[str, dict]:
+    model, prior = fresh(up, seed)
+    if isotropic:
+        prior = isotropic_prior(prior)
+    t0 = time.perf_counter()
+    post = zoo.finetune(model, prior, train, objective=objective, epochs=epochs, lr=LR, progress=False,
+                        generator=torch.Generator().manual_seed(seed))
+    fit = time.perf_counter() - t0
+    rows = {}
+    for mode in run_modes:
+        kwargs = {} if mode is None else {"mode": mode}
+        t0 = time.perf_counter()  # one call, so test and OOD images share the posterior's draws
+        pred = post.predict(torch.cat([x, up.ood_images]), samples=SAMPLES,
+                            generator=torch.Generator().manual_seed(seed), **kwargs)
+        seconds = time.perf_counter() - t0
+        n = x.shape[0]
+        mi = pred.mutual_information
+        result = measure(pred.probs[:n], y, pred.probs[n:], mi=mi[:n], ood_mi=mi[n:])
+        used = getattr(pred, "mode", None)
+        result.update(fit_s=fit, predict_s=seconds, note=f"predict mode {used}" if used else "")
+        rows[ours_row(objective, mode, default, isotropic=isotropic)] = result
+    return rows
+
+
+def loader_of(train: Batches) -> torch.utils.data.DataLoader:
+    x = torch.cat([b[0] for b in train])
+    y = torch.cat([b[1] for b in train])
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64)
+
+
+def run_last_layer(lp: Any, map_model: nn.Module, map_fit: float, train: Batches, up: Upstream, x: Tensor,
+                   y: Tensor, seed: int) -> dict[str, Any]:
+    model = copy.deepcopy(map_model).eval()
+    t0 = time.perf_counter()
+    la = lp.Laplace(model, "classification", subset_of_weights="last_layer", hessian_structure="kron")
+    la.fit(loader_of(train))
+    la.optimize_prior_precision(method="marglik", pred_type="glm", link_approx="probit")
+    fit = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    images, n = torch.cat([x, up.ood_images]), x.shape[0]
+    with torch.no_grad():
+        probs = la(images, pred_type="glm", link_approx="probit").double()
+        draws = la.predictive_samples(images, pred_type="glm", n_samples=SAMPLES,
+                                      generator=torch.Generator().manual_seed(seed))
+        mi = mc_split(draws)[1]
+    seconds = time.perf_counter() - t0
+    result = measure(probs[:n], y, probs[n:], mi=mi[:n], ood_mi=mi[n:])
+    prec = la.prior_precision.detach().flatten()
+    result.update(fit_s=map_fit + fit, predict_s=seconds, note=f"prior precision {prec[0].item():.3g}")
+    return result
+
+
+def freeze_norms(model: nn.Module) -> int:
+    """requires_grad False on every normalisation layer's parameters; returns how many tensors were frozen."""
+    frozen = 0
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._NormBase | nn.GroupNorm | nn.LayerNorm):
+            for p in module.parameters(recurse=False):
+                p.requires_grad_(False)
+                frozen += 1
+    return frozen
+
+
+GLM_ELEMENTS = 2e8
+"""The largest (batch · classes · parameters) Jacobian the all-weights GLM predictive may build; above it, nn."""
+
+
+def run_all_weights(lp: Any, map_model: nn.Module, map_fit: float, train: Batches, up: Upstream, x: Tensor,
+                    y: Tensor, seed: int) -> dict[str, Any]:
+    """Try the Kronecker backends in turn; the first that fits, tunes and predicts gives the row."""
+    from laplace.curvature import AsdlGGN, BackPackGGN, CurvlinopsGGN
+
+    failures = []
+    for backend in (CurvlinopsGGN, BackPackGGN, AsdlGGN):
+        model = copy.deepcopy(map_model).eval()
+        freeze_norms(model)
+        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        pred_type = "glm" if 64 * CLASSES * n_params <= GLM_ELEMENTS else "nn"
+        try:
+            t0 = time.perf_counter()
+            la = lp.Laplace(model, "classification", subset_of_weights="all", hessian_structure="kron",
+                            backend=backend)
+            la.fit(loader_of(train))
+            tuned = "marglik"
+            try:
+                la.optimize_prior_precision(method="marglik", pred_type=pred_type, link_approx="probit")
+            except Exception as exc:  # keep the fit with its initial precision, and say so
+                tuned = f"marglik failed ({type(exc).__name__}: {first_line(exc)}); prior precision 1"
+            fit = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            images, n = torch.cat([x, up.ood_images]), x.shape[0]
+            probs, mis = [], []
+            with torch.no_grad() if pred_type == "nn" else torch.enable_grad():
+                for i in range(0, images.shape[0], 64):
+                    chunk = images[i:i + 64]
+                    draws = la.predictive_samples(chunk, pred_type=pred_type, n_samples=SAMPLES,
+                                                  generator=torch.Generator().manual_seed(seed + i))
+                    mean, mi = mc_split(draws.detach())
+                    if pred_type == "glm":
+                        mean = la(chunk, pred_type="glm", link_approx="probit").detach().double()
+                    probs.append(mean)
+                    mis.append(mi)
+            p_all, mi_all = torch.cat(probs), torch.cat(mis)
+            seconds = time.perf_counter() - t0
+            result = measure(p_all[:n], y, p_all[n:], mi=mi_all[:n], ood_mi=mi_all[n:])
+            prec = la.prior_precision.detach().flatten()[0].item()
+            note = (f"backend {backend.__name__}, {pred_type} predictive"
+                    f"{' (probit; MI from 32 GLM samples)' if pred_type == 'glm' else ' (32 samples)'}, "
+                    f"{tuned}, prior precision {prec:.3g}")
+            if failures:
+                note += "; " + "; ".join(failures)
+            result.update(fit_s=map_fit + fit, predict_s=seconds, note=note)
+            return result
+        except Exception as exc:
+            failures.append(f"{backend.__name__} failed: {type(exc).__name__}: {first_line(exc)}")
+    raise RuntimeError("; ".join(failures))
+
+
+def fmt(value: float | None) -> str:
+    return "–" if value is None or math.isnan(value) else f"{value:.3f}"
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else "")[:160]
+
+
+# ---- one (network, shots, seed) ------------------------------------------------------------------------------
+def subsample(n: int, limit: int | None, seed: int) -> Tensor:
+    """Indices of at most `limit` of n items, a seeded random subset (all of them, in order, without a limit)."""
+    if limit is None or limit >= n:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit].sort().values
+
+
+def run_seed(up: Upstream, shots: int, seed: int, epochs: int, lp: Any,
+             max_test: int | None = None) -> dict[str, dict[str, Any]]:
+    train, x, y = downstream(shots, seed)
+    keep = subsample(x.shape[0], max_test, 10_000 + seed)
+    x, y = x[keep], y[keep]
+    run_modes, default = modes()
+    rows: dict[str, dict[str, Any]] = {}
+
+    def attempt(label: str, fn: Callable[[], Any]) -> Any:
+        t0 = time.perf_counter()
+        try:
+            result = fn()
+            print(f"    ({label}: {time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+            return result
+        except Exception as exc:
+            rows[label] = {"failed": f"{type(exc).__name__}: {first_line(exc)}"}
+            print(f"  [{label}] failed: {type(exc).__name__}: {first_line(exc)}", file=sys.stderr)
+            traceback.print_exc(limit=3, file=sys.stderr)
+            return None
+
+    mapped = attempt(MAP_ROW, lambda: run_map(up, train, x, y, seed, epochs))
+    if mapped is not None:
+        rows[MAP_ROW] = mapped[1]
+    iso = attempt(ours_row("catoni", default, default, isotropic=True),
+                  lambda: run_ours(up, train, x, y, seed, epochs, "catoni", [default], default, isotropic=True))
+    rows.update(iso or {})
+    rows.update(attempt(ours_row("catoni", default, default),
+                        lambda: run_ours(up, train, x, y, seed, epochs, "catoni", run_modes, default)) or {})
+    rows.update(attempt(ours_row("mcallester", default, default),
+                        lambda: run_ours(up, train, x, y, seed, epochs, "mcallester", [default], default)) or {})
+    if lp is not None and mapped is not None:
+        map_model, map_fit = mapped[0], mapped[1]["fit_s"]
+        result = attempt(LL_ROW, lambda: run_last_layer(lp, map_model, map_fit, train, up, x, y, seed))
+        if result is not None:
+            rows[LL_ROW] = result
+        result = attempt(ALL_ROW, lambda: run_all_weights(lp, map_model, map_fit, train, up, x, y, seed))
+        if result is not None:
+            rows[ALL_ROW] = result
+    return rows
+
+
+# ---- aggregation and printing --------------------------------------------------------------------------------
+def aggregate(per_seed: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    labels = list(dict.fromkeys(label for rows in per_seed for label in rows))
+    out = {}
+    for label in labels:
+        runs = [rows[label] for rows in per_seed if label in rows]
+        ok = [r for r in runs if "failed" not in r]
+        entry: dict[str, Any] = {"seeds": len(ok), "per_seed": runs, "mean": {}, "std": {},
+                                 "notes": sorted({r["note"] for r in ok if r.get("note")}),
+                                 "failures": sorted({r["failed"] for r in runs if "failed" in r})}
+        for key in METRICS:
+            values = [r[key] for r in ok if r.get(key) is not None]
+            if values:
+                entry["mean"][key] = statistics.fmean(values)
+                entry["std"][key] = statistics.stdev(values) if len(values) > 1 else 0.0
+        out[label] = entry
+    return out
+
+
+def cell(entry: dict[str, Any], key: str) -> str:
+    if key not in entry["mean"]:
+        return "–"
+    digits = 1 if key.endswith("_s") else 3
+    return f"{entry['mean'][key]:.{digits}f}±{entry['std'][key]:.{digits}f}"
+
+
+def print_table(network: str, shots: int, table: dict[str, dict[str, Any]], seeds: int) -> None:
+    width = max(len(label) for label in table) + 2
+    print(f"\n== {network}, {shots} shot(s) per class, {seeds} seed(s) ==")
+    print(f"{'row':<{width}}" + "".join(f"{h:>14}" for h in HEADERS))
+    for label, entry in table.items():
+        if not entry["mean"]:
+            print(f"{label:<{width}}  failed: {'; '.join(entry['failures'])}")
+            continue
+        print(f"{label:<{width}}" + "".join(f"{cell(entry, k):>14}" for k in METRICS))
+    for label, entry in table.items():
+        for note in entry["notes"] + [f"FAILED in some seeds: {f}" for f in entry["failures"] if entry["mean"]]:
+            if not note.startswith("predict mode"):
+                print(f"  note [{label}]: {note}")
+
+
+def targets(network: str, shots: int, table: dict[str, dict[str, Any]], default: str | None) -> list[dict]:
+    """The learned-prior default row against MAP (and laplace-torch last-layer for OOD), on seed means."""
+    ours = table.get(ours_row("catoni", default, default), {}).get("mean", {})
+    base = table.get(MAP_ROW, {}).get("mean", {})
+    ll = table.get(LL_ROW, {}).get("mean", {})
+    checks: list[tuple[str, str, str, Callable[[float, float], bool], dict]] = [
+        ("accuracy ≥ MAP − 1 point", "accuracy", "accuracy", lambda a, b: a >= b - 0.01, base),
+        ("NLL < MAP", "nll", "nll", lambda a, b: a < b, base),
+        ("ECE ≤ MAP", "ece", "ece", lambda a, b: a <= b, base),
+        ("OOD AUROC (entropy) > MAP", "ood_auroc_entropy", "ood_auroc_entropy", lambda a, b: a > b, base),
+        ("OOD AUROC (entropy) > laplace last-layer", "ood_auroc_entropy", "ood_auroc_entropy",
+         lambda a, b: a > b, ll),
+    ]
+    out = []
+    for name, ours_key, base_key, passes, ref in checks:
+        a, b = ours.get(ours_key), ref.get(base_key)
+        verdict = "n/a" if a is None or b is None else ("PASS" if passes(a, b) else "FAIL")
+        out.append({"network": network, "shots": shots, "target": name, "ours": a, "baseline": b,
+                    "verdict": verdict})
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--shots", type=int, nargs="+", default=[1, 5, 20])
+    parser.add_argument("--networks", nargs="+", default=list(NETWORKS), choices=list(NETWORKS))
+    parser.add_argument("--epochs", type=int, default=EPOCHS, help="epochs of every fine-tune (MAP and ours)")
+    parser.add_argument("--json", type=Path, default=None, help="write every number to this JSON file")
+    parser.add_argument("--max-test", type=int, default=None,
+                        help="evaluate on a seeded random subset of at most this many test and OOD images each")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 1 seed, 1 shot, efficientnet_gn, 200 test and 200 OOD images")
+    args = parser.parse_args()
+    if args.quick:
+        args.seeds, args.shots, args.networks = 1, [1], ["efficientnet_gn"]
+        args.max_test = args.max_test or 200
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    lp = laplace_module()
+    if lp is None:
+        print("laplace-torch is not installed, so its rows are skipped; install the bench extra: "
+              ".venv/bin/pip install -e '.[bench]'")
+    run_modes, default = modes()
+    if default is None:
+        print("zoo.predictive / Posterior.predict(mode=) not available: one posterior row in its default predictive")
+    if args.max_test is not None:
+        print(f"evaluating on at most {args.max_test} test and {args.max_test} OOD images (a seeded subset)")
+    print(f"protocol: Adam, {args.epochs} epochs, lr {LR}, eval-mode networks, {SAMPLES} samples per predictive; "
+          f"MAP wd grid {WD_GRID}; torch threads {torch.get_num_threads()} (shared machine: timings are noisy)")
+    report: dict[str, Any] = {"config": {"epochs": args.epochs, "lr": LR, "samples": SAMPLES, "wd_grid": WD_GRID,
+                                         "seeds": args.seeds, "shots": args.shots, "networks": args.networks,
+                                         "max_test": args.max_test,
+                                         "modes": run_modes, "default_mode": default,
+                                         "laplace_torch": getattr(lp, "__version__", None) if lp else None},
+                              "upstream": {}, "results": {}, "targets": []}
+    all_checks = []
+    for network in args.networks:
+        t0 = time.perf_counter()
+        up = upstream(network)
+        up = dataclasses.replace(up, ood_images=up.ood_images[subsample(up.ood_images.shape[0], args.max_test, 0)])
+        print(f"\n{network}: {NETWORKS[network].note}; upstream accuracy on held-out digits 0–4 "
+              f"{up.holdout_accuracy:.3f}; pretrain {up.pretrain_seconds:.0f} s, prior {up.prior_seconds:.0f} s "
+              f"(total {time.perf_counter() - t0:.0f} s); OOD set {up.ood_images.shape[0]} images")
+        report["upstream"][network] = {"arch": NETWORKS[network].arch, "holdout_accuracy": up.holdout_accuracy,
+                                       "pretrain_s": up.pretrain_seconds, "prior_s": up.prior_seconds,
+                                       "ood_images": up.ood_images.shape[0]}
+        report["results"][network] = {}
+        for shots in args.shots:
+            per_seed = []
+            for seed in range(args.seeds):
+                t0 = time.perf_counter()
+                per_seed.append(run_seed(up, shots, seed, args.epochs, lp, args.max_test))
+                print(f"  [{network}, {shots} shots, seed {seed}: {time.perf_counter() - t0:.0f} s]", flush=True)
+            table = aggregate(per_seed)
+            print_table(network, shots, table, args.seeds)
+            report["results"][network][str(shots)] = table
+            all_checks += targets(network, shots, table, default)
+            if args.json:
+                args.json.write_text(json.dumps(report | {"targets": all_checks}, indent=1, default=str))
+    print(f"\n== targets: the learned-prior default row ({ours_row('catoni', default, default)}) on seed means ==")
+    for c in all_checks:
+        print(f"{c['verdict']:>4}  {c['network']:<16} {c['shots']:>2} shots  {c['target']:<42} "
+              f"ours {fmt(c['ours'])}  vs {fmt(c['baseline'])}")
+    report["targets"] = all_checks
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1, default=str))
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""The upstream half of the digits transfer benchmark, per network: pretrain on digits 0–4, build the prior.
+
+The data, the downstream split and the prior's λ come from tests/digits_task.py. What is network-specific lives
+here: the timm architecture, its pretraining recipe, and a held-out part of the upstream digits that no network
+sees during pretraining or prior building, which the benchmark uses as its OOD set (digits 0–4 to a classifier of
+digits 5–9). Each network's prior is built once per process and saved in a temporary directory.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from digits_task import CLASSES, PRIOR_LAMBDA, SIZE, batches, digits
+
+import zoo
+
+OOD_FRACTION = 0.3
+"""The share of each upstream class held out of pretraining and prior building, to serve as the OOD set."""
+
+
+@dataclass(frozen=True)
+class Network:
+    """A timm architecture and how to pretrain it on the upstream digits at 16 px."""
+
+    arch: str
+    epochs: int
+    lr: float
+    note: str
+
+
+NETWORKS = {
+    "efficientnet_gn": Network("test_efficientnet_gn", epochs=8, lr=3e-3,
+                               note="timm's test_efficientnet_gn (GroupNorm), as in tests/digits_task.py"),
+    "resnet10t": Network("resnet10t", epochs=6, lr=3e-3, note="timm resnet10t (BatchNorm), trained from scratch"),
+}
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """A network's saved prior, the held-out upstream images used as OOD, and its upstream accuracy on them."""
+
+    name: str
+    prior_dir: Path
+    ood_images: torch.Tensor
+    holdout_accuracy: float
+    pretrain_seconds: float
+    prior_seconds: float
+
+
+def upstream_split(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(pretraining images, labels, held-out images, labels): digits 0–4, OOD_FRACTION of each class held out."""
+    x, y = digits()
+    g = torch.Generator().manual_seed(seed)
+    train, held = [], []
+    for k in range(CLASSES):
+        idx = torch.nonzero(y == k).flatten()
+        idx = idx[torch.randperm(idx.numel(), generator=g)]
+        cut = round(OOD_FRACTION * idx.numel())
+        held.append(idx[:cut])
+        train.append(idx[cut:])
+    tr, ho = torch.cat(train), torch.cat(held)
+    return x[tr], y[tr], x[ho], y[ho]
+
+
+@functools.cache
+def upstream(name: str, seed: int = 0) -> Upstream:
+    """Pretrain `name` on its upstream split with Adam (BatchNorm in train mode), build and save its prior."""
+    if name not in NETWORKS:
+        raise SystemExit(f"unknown network {name!r}; choose from {sorted(NETWORKS)}")
+    net = NETWORKS[name]
+    x, y, x_ood, y_ood = upstream_split(seed)
+    torch.manual_seed(seed)
+    model = timm.create_model(net.arch, num_classes=CLASSES)
+    model.pretrained_cfg = dict(model.pretrained_cfg, input_size=(3, SIZE, SIZE), crop_pct=1.0,
+                                interpolation="bilinear", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    t0 = time.perf_counter()
+    opt = torch.optim.Adam(model.parameters(), lr=net.lr)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(net.epochs):
+        order = torch.randperm(x.shape[0], generator=g)
+        for xb, yb in batches(x[order], y[order]):
+            opt.zero_grad()
+            F.cross_entropy(model(xb), yb).backward()
+            opt.step()
+    model.eval()
+    pretrain_seconds = time.perf_counter() - t0
+    with torch.no_grad():
+        acc = (model(x_ood).argmax(-1) == y_ood).double().mean().item()
+    t0 = time.perf_counter()
+    prior = zoo.build_prior(model, batches(x, y, 128), lam=PRIOR_LAMBDA, progress=False,
+                            dataset="sklearn-digits-0-4-pretrain-split", generator=torch.Generator().manual_seed(seed),
+                            timm_name=f"{net.arch}.digits04")
+    prior_seconds = time.perf_counter() - t0
+    root = Path(tempfile.mkdtemp(prefix=f"zoo-transfer-{name}-"))
+    atexit.register(shutil.rmtree, root, True)
+    prior_dir = prior.save(str(root / "prior"), model=model)
+    return Upstream(name, prior_dir, x_ood, acc, pretrain_seconds, prior_seconds)
