@@ -236,7 +236,7 @@ def laplace_section(reps: int) -> None:
 
     model = timm.create_model("resnet18", num_classes=classes).eval()
     t0 = time.perf_counter()
-    prior = zoo.build_prior(model, data, progress=False, generator=torch.Generator().manual_seed(0))
+    prior = zoo.build_prior(model, data, progress=False, generator=torch.Generator().manual_seed(0), holdout=0)
     print(f"zoo prior of resnet18 built in {time.perf_counter() - t0:.0f} s")
     predictor = Predictor(prior, mode="nn", samples=30, seed=0)
     ours = warm_median_time(lambda: predictor(x), reps)
