@@ -150,13 +150,14 @@ def test_load_round_trip_is_lazy_exact_and_needs_no_eigendecomposition(built, mo
             assert torch.equal(layer.precision.A[0].float(), other.precision.A[0].float())
             assert torch.equal(layer.precision.G[0].float(), other.precision.G[0].float())
             v = torch.randn(layer.precision.shape, dtype=torch.float64)
-            assert torch.allclose(other.precision.solve(v), layer.precision.solve(v), rtol=1e-4)
+            expected = layer.precision.solve(v)  # float32 eigenvectors on disk: agreement in norm to 1e-4
+            assert torch.linalg.norm(other.precision.solve(v) - expected) <= 1e-4 * torch.linalg.norm(expected)
         else:
             for local, prec in layer.precision.items():
                 assert torch.allclose(other.precision[local], prec, rtol=1e-6)
     assert v is not None
     kl = loaded.kl(prior).item()
-    assert 0 <= kl < 1e-3  # float32 storage of the eigenvectors is the only difference
+    assert 0 <= kl < 1e-3  # float32 factors on disk (eigendecompositions are stored in float64)
 
 
 def test_new_head_gets_an_isotropic_prior(built) -> None:

@@ -68,23 +68,24 @@ class Prior:
         parts = [self._mean_of(name, p).reshape(module.weight.shape[0], -1) for p in layer.params]
         return torch.cat(parts, dim=1)
 
-    def quadratic(self, model: nn.Module) -> Tensor:
-        """(θ − μ)ᵀ Λ (θ − μ) summed over layers, differentiable in the model's parameters (float64)."""
+    def quadratic(self, model: nn.Module, *, dtype: torch.dtype = torch.float64) -> Tensor:
+        """(θ − μ)ᵀ Λ (θ − μ) summed over layers, differentiable in the model's parameters (float64 by default;
+        float32 in training loops, see KronPrecision.quadratic)."""
         modules = dict(model.named_modules())
-        total = torch.zeros((), dtype=torch.float64)
+        total = torch.zeros((), dtype=dtype)
         for name, layer in self.layers.items():
             module = _module(modules, name)
             if isinstance(layer, KronLayer):
                 delta = kron_matrix(module, layer.params) - self._layer_mean(name, module).to(module.weight)
-                total = total + layer.precision.quadratic(delta).to(total.device)
+                total = total + layer.precision.quadratic(delta, dtype=dtype).to(total.device)
             elif isinstance(layer, DiagLayer):
                 for local, prec in layer.precision.items():
                     p = getattr(module, local) if local else module
                     diff = p - self._mean_of(name, local).to(p)
-                    total = total + (prec.to(p) * diff.square()).sum().double().to(total.device)
+                    total = total + (prec.to(p) * diff.square()).sum().to(total)
             else:
                 for local in layer.params:
-                    total = total + layer.lam * getattr(module, local).square().sum().double().to(total.device)
+                    total = total + layer.lam * getattr(module, local).square().sum().to(total)
         return total
 
     def sample(self, model: nn.Module, generator: torch.Generator | None = None) -> dict[str, Tensor]:

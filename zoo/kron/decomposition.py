@@ -14,6 +14,7 @@ Rescaling the terms only changes the weights w, so temperatures and fitted scale
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -71,7 +72,11 @@ class Decomposition:
         return self.side_in.T.device
 
     def diagonal(self) -> Tensor:
-        """D (out × in): the precision in the decomposed coordinates."""
+        """D (out × in): the precision in the decomposed coordinates (computed once; the form is immutable)."""
+        return self._diagonal
+
+    @cached_property
+    def _diagonal(self) -> Tensor:
         return torch.einsum("j,jo,ji->oi", self.weights, self.coords_out, self.coords_in)
 
     def reweighted(self, weights: Tensor) -> Decomposition:
