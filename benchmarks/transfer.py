@@ -50,7 +50,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from digits_task import CLASSES, HEAD_LAMBDA, downstream
+from digits_task import CLASSES, downstream
 from transfer_task import NETWORKS, Upstream, upstream
 
 import zoo
@@ -102,7 +102,7 @@ def laplace_module() -> Any:
 def fresh(up: Upstream, seed: int) -> tuple[nn.Module, zoo.Prior]:
     """The pretrained network with a new head (initialised from `seed`, identical for every row) and its prior."""
     torch.manual_seed(seed)
-    return zoo.load(str(up.prior_dir), num_classes=CLASSES, reset_head=True, lam=HEAD_LAMBDA)
+    return zoo.load(str(up.prior_dir), num_classes=CLASSES, reset_head=True)  # defaults: the new head's λ too
 
 
 def train_map(model: nn.Module, train: Batches, wd: float, epochs: int) -> float:

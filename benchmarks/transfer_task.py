@@ -17,12 +17,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import timm
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from digits_task import CLASSES, PRIOR_LAMBDA, SIZE, batches, digits
+from digits_task import CLASSES, batches, digits, pretrain
 
 import zoo
 
@@ -81,26 +79,18 @@ def upstream(name: str, seed: int = 0) -> Upstream:
         raise SystemExit(f"unknown network {name!r}; choose from {sorted(NETWORKS)}")
     net = NETWORKS[name]
     x, y, x_ood, y_ood = upstream_split(seed)
-    torch.manual_seed(seed)
-    model = timm.create_model(net.arch, num_classes=CLASSES)
-    model.pretrained_cfg = dict(model.pretrained_cfg, input_size=(3, SIZE, SIZE), crop_pct=1.0,
-                                interpolation="bilinear", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     t0 = time.perf_counter()
-    opt = torch.optim.Adam(model.parameters(), lr=net.lr)
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(net.epochs):
-        order = torch.randperm(x.shape[0], generator=g)
-        for xb, yb in batches(x[order], y[order]):
-            opt.zero_grad()
-            F.cross_entropy(model(xb), yb).backward()
-            opt.step()
-    model.eval()
+    model = pretrain(net.arch, x, y, epochs=net.epochs, lr=net.lr, seed=seed)
     pretrain_seconds = time.perf_counter() - t0
     with torch.no_grad():
         acc = (model(x_ood).argmax(-1) == y_ood).double().mean().item()
     t0 = time.perf_counter()
-    prior = zoo.build_prior(model, batches(x, y, 128), lam=PRIOR_LAMBDA, progress=False,
+    # half of the held-out upstream digits check the prior's width (build_prior holds out the first batch); the
+    # other half is the downstream OOD set, so no image serves both
+    half = x_ood.shape[0] // 2
+    build_data = [(x_ood[:half], y_ood[:half]), *batches(x, y, 128)]
+    x_ood, y_ood = x_ood[half:], y_ood[half:]
+    prior = zoo.build_prior(model, build_data, progress=False,
                             dataset="sklearn-digits-0-4-pretrain-split", generator=torch.Generator().manual_seed(seed),
                             timm_name=f"{net.arch}.digits04")
     prior_seconds = time.perf_counter() - t0

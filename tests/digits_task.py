@@ -56,18 +56,13 @@ HEAD_LAMBDA = 24.0
 """The new head's N(0, λ⁻¹I), fixed in advance (≈ d/‖θ‖² of the upstream network)."""
 
 
-@functools.cache
-def upstream_prior_dir(epochs: int = 8, seed: int = 0, lam: float | None = PRIOR_LAMBDA) -> Path:
-    """Pretrain on digits 0–4 but HOLDOUT of them, build the prior with those first, save; lives for the process."""
-    x_all, y_all = upstream_data()
-    order = torch.randperm(x_all.shape[0], generator=torch.Generator().manual_seed(seed))
-    x_held, y_held = x_all[order[:HOLDOUT]], y_all[order[:HOLDOUT]]
-    x, y = x_all[order[HOLDOUT:]], y_all[order[HOLDOUT:]]
+def pretrain(arch: str, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float, seed: int) -> torch.nn.Module:
+    """A timm `arch` trained from scratch on (x, y) at SIZE px with Adam (norm layers in train mode), then eval."""
     torch.manual_seed(seed)
-    model = timm.create_model(ARCH, num_classes=CLASSES)
+    model = timm.create_model(arch, num_classes=CLASSES)
     model.pretrained_cfg = dict(model.pretrained_cfg, input_size=(3, SIZE, SIZE), crop_pct=1.0,
                                 interpolation="bilinear", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(epochs):
@@ -76,7 +71,17 @@ def upstream_prior_dir(epochs: int = 8, seed: int = 0, lam: float | None = PRIOR
             opt.zero_grad()
             F.cross_entropy(model(xb), yb).backward()
             opt.step()
-    model.eval()
+    return model.eval()
+
+
+@functools.cache
+def upstream_prior_dir(epochs: int = 8, seed: int = 0, lam: float | None = PRIOR_LAMBDA) -> Path:
+    """Pretrain on digits 0–4 but HOLDOUT of them, build the prior with those first, save; lives for the process."""
+    x_all, y_all = upstream_data()
+    order = torch.randperm(x_all.shape[0], generator=torch.Generator().manual_seed(seed))
+    x_held, y_held = x_all[order[:HOLDOUT]], y_all[order[:HOLDOUT]]
+    x, y = x_all[order[HOLDOUT:]], y_all[order[HOLDOUT:]]
+    model = pretrain(ARCH, x, y, epochs=epochs, lr=3e-3, seed=seed)
     build_data = [(x_held, y_held), *batches(x, y, 128)]  # batch 0 is held out by build_prior (holdout=0.1)
     prior = zoo.build_prior(model, build_data, lam=lam, progress=False, dataset="sklearn-digits-0-4",
                             generator=torch.Generator().manual_seed(seed), timm_name=f"{ARCH}.digits04")
