@@ -2,7 +2,7 @@
 
     config.json          timm's config, so timm alone loads the weights
     model.safetensors    the mean
-    prior.safetensors    factors and diagonal precisions (float32), stored eigendecompositions (float64);
+    prior.safetensors    factors, stored eigendecompositions and diagonal precisions (float32, scalars float64);
                          its header holds the metadata as JSON under "prior_zoo"
     prior_config.json    the same metadata plus the sha256 of both safetensors files
     README.md            the model card
@@ -66,10 +66,10 @@ def _layer_tensors(name: str, layer: Layer) -> dict[str, Tensor]:
         return {}
     out = {}
     for key, value in tensors.items():
-        # Factors are float32 (the contract). Their eigendecompositions and any multi-term decomposition stay
-        # float64: float32 eigenvectors are orthogonal only to 1e-7, which ill-conditioned priors (small λ,
-        # large precision multipliers) turn into a visibly wrong solve and a negative KL after a reload.
-        keep64 = value.numel() <= 1 or key == "scales" or key.startswith(("dec.", "eig."))
+        # Factors and their eigendecompositions are float32 (the contract; loading re-orthonormalises the
+        # eigenvectors with one QR). A multi-term decomposition stays float64, since its whitened bases are not
+        # orthogonal and float32 would cost the KL its accuracy.
+        keep64 = value.numel() <= 1 or key == "scales" or key.startswith("dec.")
         out[f"{name}{SEP}{key}"] = (value if keep64 or not value.is_floating_point() else value.float()).contiguous()
     return out
 

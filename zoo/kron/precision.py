@@ -310,8 +310,9 @@ class KronPrecision:
                 for i in range(n):
                     key = f"eig.{side}.{i}"
                     if f"{key}.values" in tensors:
+                        vectors = tensors[f"{key}.vectors"]
                         cache[i] = (tensors[f"{key}.values"].to(device, FACTOR_DTYPE),
-                                    tensors[f"{key}.vectors"].to(device, FACTOR_DTYPE))
+                                    _orthonormal(vectors.to(device, FACTOR_DTYPE), vectors.dtype))
             if "dec.weights" in tensors:
                 p._dec = _decomposition_from(tensors, device)
         except (KeyError, IndexError) as err:
@@ -328,6 +329,18 @@ class KronPrecision:
                     raise InvalidFactorError("a stored eigendecomposition does not fit its factor; artifact is corrupt")
                 check_psd_eigenvalues(values, f"stored {side}[{i}]", p._rtol)
         return p
+
+
+def _orthonormal(vectors: Tensor, stored: torch.dtype) -> Tensor:
+    """Eigenvectors stored below float64 made exactly orthonormal again (one QR, no eigendecomposition).
+
+    float32 columns are orthogonal only to ~1e-7, which an ill-conditioned precision amplifies into wrong solves and
+    negative KLs; re-orthonormalised, the loaded Gaussian is a valid one within float32 of the saved one.
+    """
+    if stored == FACTOR_DTYPE or vectors.shape[0] == 0:
+        return vectors
+    q, r = torch.linalg.qr(vectors)
+    return q * torch.sign(r.diagonal())  # keep each column's direction (R ≈ I with a positive diagonal)
 
 
 def _decomposition_from(t: dict[str, Tensor], device: torch.device | str | None) -> Decomposition:
