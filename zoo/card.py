@@ -166,6 +166,19 @@ def _context(meta: Mapping[str, Any], repo_id: str, plan: Mapping[str, Any], bui
             "of the fitting objective on the source data, not a certificate for your task: fine-tune and call "
             "`posterior.certificate(...)` for that."
         )
+    held = meta.get("holdout") if built else None
+    holdout_text = ""
+    if isinstance(held, Mapping) and held.get("n"):
+        net, pred = held.get("network") or {}, held.get("predictive") or {}
+        holdout_text = (
+            f"**Checked on {int(held['n'])} held-out images** ({held.get('mode')} predictive, precision × "
+            f"{_fmt(held.get('t'))}): accuracy {_fmt(pred.get('accuracy'))} against the network's "
+            f"{_fmt(net.get('accuracy'))}, NLL {_fmt(pred.get('nll'))} against {_fmt(net.get('nll'))}, ECE "
+            f"{_fmt(pred.get('ece'))} against {_fmt(net.get('ece'))}."
+            + ("" if held.get("met") else " No width met all three conditions; the narrowest was kept.")
+        )
+    elif isinstance(held, Mapping):
+        holdout_text = "The width was not checked on held-out data (the build had none)."
     summary = meta.get("scales_summary") if built else None
     rows = []
     if isinstance(summary, Mapping):
@@ -204,6 +217,7 @@ def _context(meta: Mapping[str, Any], repo_id: str, plan: Mapping[str, Any], bui
         "scales_rows": rows,
         "scales_count_text": _count(len(meta.get("scales") or {}), "module"),
         "bound_text": bound_text,
+        "holdout_text": holdout_text,
         "build_command": build_command or f"zoo build {timm_name} --data /path/to/imagenet --out OUT_DIR "
                                           f"--fisher {fisher}",
     }
