@@ -423,6 +423,8 @@ def build(options: BuildOptions) -> Path:
         checkpoint_every=options.checkpoint_every, resume=options.resume,
         dataset=dataset_name(options, prepared, smoke), smoke=smoke, timm_name=recipe.timm_name,
         approx=recipe.approx,
+        # a smoke folder's class indices are not the network's classes, so nothing can be checked against them
+        holdout=0.0 if smoke else 0.1,
     )
     if prepared.rank != 0:
         return options.out

@@ -19,14 +19,16 @@ from zoo.tuning import finetune, isotropic_prior
 SHOTS, EPOCHS, LR, SAMPLES = 20, 30, 1e-2, 50
 
 
-def run(seed: int, *, isotropic: bool = False, shots: int = SHOTS) -> tuple[Posterior, object, torch.Tensor,
-                                                                           torch.Tensor]:
+Run = tuple[Posterior, object, torch.Tensor, torch.Tensor]
+
+
+def run(seed: int, *, isotropic: bool = False, shots: int = SHOTS, **choices: str) -> Run:
     train, x_test, y_test = downstream(shots, seed)
     model, prior = zoo.load(upstream_prior_dir(), num_classes=CLASSES, reset_head=True, lam=HEAD_LAMBDA)
     if isotropic:
         prior = isotropic_prior(prior)
     post = finetune(model, prior, train, epochs=EPOCHS, lr=LR, progress=False,
-                    generator=torch.Generator().manual_seed(seed))
+                    generator=torch.Generator().manual_seed(seed), **choices)
     return post, train, x_test, y_test
 
 
@@ -48,9 +50,11 @@ def test_certificate_bounds_the_held_out_gibbs_error(seed: int, learned) -> None
     assert "kl-bound" in cert.kind and post.meta["certificate"]["bound"] == cert.bound
 
 
-def test_learned_prior_certifies_tighter_than_isotropic(learned) -> None:
-    post, train, _, _ = learned
-    iso, _, _, _ = run(0, isotropic=True)
+def test_learned_prior_certifies_tighter_than_isotropic() -> None:
+    # the paper's choices (prior as given, bound-fitted width): the defaults choose κ on the data and pay a union
+    # bound over 169 strengths, which leaves both certificates vacuous at n = 100
+    post, train, _, _ = run(0, strength="bound", width="bound")
+    iso, _, _, _ = run(0, isotropic=True, strength="bound", width="bound")
     gen = lambda: torch.Generator().manual_seed(7)  # noqa: E731
     c_learned = post.certificate(train, samples=SAMPLES, generator=gen())
     c_iso = iso.certificate(train, samples=SAMPLES, generator=gen())

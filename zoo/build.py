@@ -88,7 +88,7 @@ def build_prior(
             (la, _), (lg, _) = base.factor_eigh()
             bases[name] = base
             mean_sq = sum(getattr(module, p).detach().double().square().sum().item() for p in kron_params(module))
-            curvature.append(LayerSpectrum(name, torch.outer(lg, la).reshape(-1).cpu(), mean_sq))
+            curvature.append(LayerSpectrum(name or "<root>", torch.outer(lg, la).reshape(-1).cpu(), mean_sq))
         else:
             assert isinstance(block, DiagonalBlock)
             values = torch.cat([v.detach().double().reshape(-1) for v in block.diagonal.values()]).cpu()

@@ -41,6 +41,10 @@ DEFAULT_NAME = "efficientnet_lite0-smoke-kfac"
 """The repository name of the embedded default (what `zoo serve` with no REF serves)."""
 
 
+BUILD_REVISION = "r2"
+"""Bumped whenever build_prior's defaults change, so a cache built by an older prior-zoo is not served."""
+
+
 def cache_root(cache_dir: str | None = None) -> Path:
     """Where prior-zoo keeps what it builds on first use: `cache_dir`, else $ZOO_CACHE, else ~/.cache/prior-zoo."""
     root = cache_dir or os.environ.get("ZOO_CACHE") or str(Path.home() / ".cache" / "prior-zoo")
@@ -49,7 +53,7 @@ def cache_root(cache_dir: str | None = None) -> Path:
 
 def embedded_default(cache_dir: str | None = None, *, progress: bool = True, seed: int = 0) -> Path:
     """The embedded default's repository directory, built on first use (about 30 s on CPU) and reused after."""
-    target = cache_root(cache_dir) / DEFAULT_NAME
+    target = cache_root(cache_dir) / BUILD_REVISION / DEFAULT_NAME
     if (target / "prior_config.json").is_file():
         return target
     model = efficientnet_lite0().eval()

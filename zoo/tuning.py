@@ -56,8 +56,7 @@ def objective_value(
     """
     logits = model(x)
     nll = F.cross_entropy(logits, y)
-    # the prior term in the network's own precision: float64 here would cost more than the network's step
-    half_quad = 0.5 * prior.quadratic(model, dtype=next(model.parameters()).dtype).double()
+    half_quad = 0.5 * prior.quadratic(model)
     nll64 = nll.double().to(half_quad.device)
     if not (torch.isfinite(nll64) and torch.isfinite(half_quad)):
         raise NumericalError(f"the training loss is not finite (NLL {nll.item()}, prior term {half_quad.item()}); "
@@ -142,7 +141,7 @@ def finetune(
     marglik = strength == "marglik"
     kappa = dict.fromkeys(groups.values(), STRENGTH_GRID[0] if marglik else 1.0)  # burn-in with the weakest prior
     strength_record: list[dict[str, Any]] = []
-    refresh = max(1, epochs // 3)  # κ refreshed twice during training, then once at the end
+    refresh = max(1, epochs // 5)  # κ refreshed four times during training, then once at the end
     model.eval()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
