@@ -75,7 +75,8 @@ def pretrain(arch: str, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: fl
 
 
 @functools.cache
-def upstream_prior_dir(epochs: int = 8, seed: int = 0, lam: float | None = PRIOR_LAMBDA) -> Path:
+def upstream_prior_dir(epochs: int = 8, seed: int = 0, lam: float | None = PRIOR_LAMBDA,
+                       holdout: float = 0.1) -> Path:
     """Pretrain on digits 0–4 but HOLDOUT of them, build the prior with those first, save; lives for the process."""
     x_all, y_all = upstream_data()
     order = torch.randperm(x_all.shape[0], generator=torch.Generator().manual_seed(seed))
@@ -83,7 +84,7 @@ def upstream_prior_dir(epochs: int = 8, seed: int = 0, lam: float | None = PRIOR
     x, y = x_all[order[HOLDOUT:]], y_all[order[HOLDOUT:]]
     model = pretrain(ARCH, x, y, epochs=epochs, lr=3e-3, seed=seed)
     build_data = [(x_held, y_held), *batches(x, y, 128)]  # batch 0 is held out by build_prior (holdout=0.1)
-    prior = zoo.build_prior(model, build_data, lam=lam, progress=False, dataset="sklearn-digits-0-4",
+    prior = zoo.build_prior(model, build_data, lam=lam, holdout=holdout, progress=False, dataset="sklearn-digits-0-4",
                             generator=torch.Generator().manual_seed(seed), timm_name=f"{ARCH}.digits04")
     root = Path(tempfile.mkdtemp(prefix="zoo-digits-"))
     atexit.register(shutil.rmtree, root, True)

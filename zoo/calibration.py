@@ -26,7 +26,7 @@ from zoo.predictive import Predictor
 if TYPE_CHECKING:
     from zoo.prior import Prior
 
-PRECISION_GRID: tuple[float, ...] = tuple(10.0 ** (k / 2) for k in range(17))  # 1 … 1e8, half-decades
+PRECISION_GRID: tuple[float, ...] = tuple(10.0 ** (k / 2) for k in range(13))  # 1 … 1e6, half-decades
 ACCURACY_SLACK = 0.005
 """The predictive may lose at most half a point of held-out accuracy against the network."""
 
