@@ -37,6 +37,20 @@ def predictive_probs(mean: Tensor, deviations: Tensor, t: float) -> Tensor:
     return torch.softmax(logits, dim=-1).mean(0)
 
 
+def _linear_parts(
+    gaussian: Prior, batches: Iterable[Any], mode: str, samples: int, generator: torch.Generator, empty: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(labels, mean logits, deviations) of every batch, one pass of draws for a whole grid of widths."""
+    xs, ys = [], []
+    for batch in batches:
+        xs.append(batch[0])
+        ys.append(torch.as_tensor(batch[1]))
+    if not xs:
+        raise DataError(empty)
+    mean, deviations = Predictor(gaussian, mode=mode, samples=samples, generator=generator).linear_parts(torch.cat(xs))
+    return torch.cat(ys).long(), mean, deviations
+
+
 def select_precision_multiplier(
     gaussian: Prior,
     batches: Iterable[Any],
@@ -47,15 +61,9 @@ def select_precision_multiplier(
     grid: Sequence[float] = PRECISION_GRID,
 ) -> tuple[float, dict[str, Any]]:
     """The t for which `gaussian` · t predicts best on `batches` (held out) without losing to the network."""
-    xs, ys = [], []
-    for batch in batches:
-        xs.append(batch[0])
-        ys.append(torch.as_tensor(batch[1]))
-    if not xs:
-        raise DataError("no held-out batches to choose the prior's width on; pass more data or holdout=0")
-    x, y = torch.cat(xs), torch.cat(ys).long()
-    predictor = Predictor(gaussian, mode=mode, samples=samples, generator=generator)
-    mean, deviations = predictor.linear_parts(x)
+    y, mean, deviations = _linear_parts(gaussian, batches, mode, samples, generator,
+                                        "no held-out batches to choose the prior's width on; pass more data or "
+                                        "holdout=0")
     if int(y.min()) < 0 or int(y.max()) >= mean.shape[-1]:
         raise DataError(f"held-out labels must be class indices in [0, {mean.shape[-1]}); the build data's labels "
                         "are used to check the prior's predictive, so give the loader real labels or holdout=0")
@@ -103,12 +111,8 @@ def select_width(
     was fitted to (no accuracy lost, mean NLL within TRAIN_NLL_SLACK nats) still widens everywhere the data did
     not pin the network down, which is where new inputs and OOD inputs fall.
     """
-    xs, ys = [], []
-    for batch in batches:
-        xs.append(batch[0])
-        ys.append(torch.as_tensor(batch[1]))
-    x, y = torch.cat(xs), torch.cat(ys).long()
-    mean, deviations = Predictor(gaussian, mode=mode, samples=samples, generator=generator).linear_parts(x)
+    y, mean, deviations = _linear_parts(gaussian, batches, mode, samples, generator,
+                                        "the training loader yielded no batches to choose the width on")
     net = torch.softmax(mean.double(), dim=-1)
     reference = {"accuracy": metrics.accuracy(net, y), "nll": metrics.nll(net, y)}
     rows = []
