@@ -79,11 +79,15 @@ def upstream_prior_dir(epochs: int = 8, seed: int = 0, lam: float | None = PRIOR
                        holdout: float = 0.1) -> Path:
     """Pretrain on digits 0–4 but HOLDOUT of them, build the prior with those first, save; lives for the process."""
     x_all, y_all = upstream_data()
-    order = torch.randperm(x_all.shape[0], generator=torch.Generator().manual_seed(seed))
-    x_held, y_held = x_all[order[:HOLDOUT]], y_all[order[:HOLDOUT]]
-    x, y = x_all[order[HOLDOUT:]], y_all[order[HOLDOUT:]]
+    if holdout == 0:  # no width check: pretrain on every upstream digit, as the paper's setting does
+        x, y = x_all, y_all
+        held: list[tuple[torch.Tensor, torch.Tensor]] = []
+    else:
+        order = torch.randperm(x_all.shape[0], generator=torch.Generator().manual_seed(seed))
+        held = [(x_all[order[:HOLDOUT]], y_all[order[:HOLDOUT]])]
+        x, y = x_all[order[HOLDOUT:]], y_all[order[HOLDOUT:]]
     model = pretrain(ARCH, x, y, epochs=epochs, lr=3e-3, seed=seed)
-    build_data = [(x_held, y_held), *batches(x, y, 128)]  # batch 0 is held out by build_prior (holdout=0.1)
+    build_data = [*held, *batches(x, y, 128)]  # with holdout, batch 0 is held out by build_prior
     prior = zoo.build_prior(model, build_data, lam=lam, holdout=holdout, progress=False, dataset="sklearn-digits-0-4",
                             generator=torch.Generator().manual_seed(seed), timm_name=f"{ARCH}.digits04")
     root = Path(tempfile.mkdtemp(prefix="zoo-digits-"))
