@@ -52,7 +52,16 @@ def test_serve_workers_with_token_from_environment(tmp_path_factory: pytest.Temp
     with zoo_serve(str(repo), "--workers", "2", "--samples", "8", env=env) as url:
         auth = {"Authorization": "Bearer t0ken"}
         assert httpx.get(f"{url}/v1/models").status_code == 401
-        models = httpx.get(f"{url}/v1/models", headers=auth).json()["models"]
+        # each worker process loads on its own; readiness seen through one does not cover the others yet
+        deadline = time.monotonic() + 120
+        while (r := httpx.get(f"{url}/v1/models", headers=auth)).status_code == 503 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        models = r.json()["models"]
+        streak = 0
+        while streak < 20 and time.monotonic() < deadline:  # twenty ready answers in a row: both workers loaded
+            ready = httpx.get(f"{url}/health/ready").status_code == 200
+            streak = streak + 1 if ready else 0
+            time.sleep(0 if ready else 0.5)
         assert [m["name"] for m in models] == ["tiny-prior"] and models[0]["predictive"]["samples"] == 8
         files = [("files", (f"{i}.jpg", photo(), "image/jpeg")) for i in range(3)]
         r = httpx.post(f"{url}/v1/models/tiny-prior/predict", files=files, headers=auth, timeout=60)
