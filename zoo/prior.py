@@ -68,16 +68,15 @@ class Prior:
         parts = [self._mean_of(name, p).reshape(module.weight.shape[0], -1) for p in layer.params]
         return torch.cat(parts, dim=1)
 
-    def quadratic(self, model: nn.Module, *, dtype: torch.dtype = torch.float64) -> Tensor:
-        """(θ − μ)ᵀ Λ (θ − μ) summed over layers, differentiable in the model's parameters (float64 by default;
-        float32 in training loops, see KronPrecision.quadratic)."""
+    def quadratic(self, model: nn.Module) -> Tensor:
+        """(θ − μ)ᵀ Λ (θ − μ) summed over layers, differentiable in the model's parameters (float64)."""
         modules = dict(model.named_modules())
-        total = torch.zeros((), dtype=dtype)
+        total = torch.zeros((), dtype=torch.float64)
         for name, layer in self.layers.items():
             module = _module(modules, name)
             if isinstance(layer, KronLayer):
                 delta = kron_matrix(module, layer.params) - self._layer_mean(name, module).to(module.weight)
-                total = total + layer.precision.quadratic(delta, dtype=dtype).to(total.device)
+                total = total + layer.precision.quadratic(delta).to(total.device)
             elif isinstance(layer, DiagLayer):
                 for local, prec in layer.precision.items():
                     p = getattr(module, local) if local else module

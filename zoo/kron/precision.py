@@ -75,7 +75,6 @@ class KronPrecision:
         self._eig_a: dict[int, Eigh] = {}
         self._eig_g: dict[int, Eigh] = {}
         self._dec: Decomposition | None = None
-        self._dec_low: Decomposition | None = None
         self._error: float | None = None
 
     # ---- structure -------------------------------------------------------------------------------------------
@@ -191,18 +190,9 @@ class KronPrecision:
         """Λ⁻¹ vec(V) for V of shape (..., out, in), returned in the same shape."""
         return self.decomposition().solve(self._check_matrix(v, "V"))
 
-    def quadratic(self, v: Tensor, *, dtype: torch.dtype = FACTOR_DTYPE) -> Tensor:
-        """vec(V)ᵀ Λ vec(V) for V of shape (..., out, in); differentiable in V.
-
-        dtype=torch.float32 evaluates it on a float32 copy of the decomposition (made once): for gradients in a
-        training loop, where float64 would cost more than the network's own step.
-        """
-        v = self._check_matrix(v, "V")
-        if dtype == FACTOR_DTYPE:
-            return self.decomposition().quadratic(v)
-        if self._dec_low is None or self._dec_low.dtype != dtype:
-            self._dec_low = self.decomposition().to(dtype=dtype)
-        return self._dec_low.quadratic(v.to(dtype))
+    def quadratic(self, v: Tensor) -> Tensor:
+        """vec(V)ᵀ Λ vec(V) for V of shape (..., out, in); differentiable in V."""
+        return self.decomposition().quadratic(self._check_matrix(v, "V"))
 
     def trace_inv(self, a: Tensor, g: Tensor) -> Tensor:
         """tr((A ⊗ G) Λ⁻¹) for A in × in and G out × out."""
@@ -231,7 +221,7 @@ class KronPrecision:
         new.A, new.G = (a if a is not None else self.A), (g if g is not None else self.G)
         new.scales, new.damping = scales, damping
         new._eig_a, new._eig_g = dict(self._eig_a), dict(self._eig_g)
-        new._dec, new._error, new._dec_low = None, None, None
+        new._dec, new._error = None, None
         return new
 
     def rescaled(self, scales: Sequence[float] | Tensor | None = None, damping: float | None = None) -> KronPrecision:
