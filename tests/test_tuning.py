@@ -12,6 +12,7 @@ import zoo
 from zoo import DataError, ModelError, NumericalError
 from zoo.marglik import STRENGTH_GRID
 from zoo.pacbayes import catoni_grid
+from zoo.layers import KronLayer
 from zoo.tuning import finetune, isotropic_prior, objective_value
 
 
@@ -130,3 +131,20 @@ def test_bad_input_raises_zoo_errors(prior_and_model) -> None:
     nan = [(torch.full_like(x, math.nan), y) for x, y in data()]
     with pytest.raises(NumericalError):
         finetune(model, prior, nan, epochs=1, progress=False)
+
+
+def test_laplace_width_never_widens_the_body_past_its_prior(prior_and_model) -> None:
+    """κ < 1 weakens the prior for the mean only: Q's body precision stays ≥ P (its covariance ≤ the prior's)."""
+    prior, base = prior_and_model
+    post = finetune(_copy(base), prior, data(5), epochs=5, lr=1e-2, progress=False, width="laplace",
+                    generator=torch.Generator().manual_seed(0))
+    assert post.meta["strength"]["kappa"]["body"] < 1.0  # the case the floor is for
+    for name, layer in prior.layers.items():
+        q = post.layers[name]
+        if isinstance(layer, KronLayer):
+            gap = q.precision.dense() - layer.precision.dense()
+            scale = layer.precision.dense().diagonal().abs().max().item()
+            assert torch.linalg.eigvalsh(0.5 * (gap + gap.T)).min().item() >= -1e-9 * scale, name
+        else:
+            for key, p in layer.precision.items():
+                assert bool((q.precision[key].double() >= p.double() * (1 - 1e-12)).all()), (name, key)

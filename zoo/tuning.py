@@ -200,7 +200,10 @@ def finetune(
     reference = prior.scaled(by_layer) if marglik else prior
     hypotheses = len(STRENGTH_GRID) ** len(kappa) if marglik else 1
     mean = {k: v.detach().clone().cpu() for k, v in model.named_parameters() if v.requires_grad}
-    laplace_layers = pieces.laplace_layers(by_layer)
+    # Q's precision in the body never falls below the prior's own (checked upstream to predict well): κ only
+    # weakens the prior for the mean, so unseen directions cannot widen past the calibrated prior
+    floor = {name: (max(k, BODY_COVARIANCE_FLOOR) if groups[name] == "body" else k) for name, k in by_layer.items()}
+    laplace_layers = pieces.laplace_layers(floor)
     chosen_width = width
     if width == "auto":
         kl_laplace = Prior(mean, laplace_layers, {}).kl(reference).item()
@@ -222,9 +225,11 @@ def finetune(
                                                  generator=torch.Generator().manual_seed(seed + 2))
         layers = dict(laplace.scaled(dict.fromkeys(laplace_layers, 1.0 / temperature)).layers)
         pieces = PosteriorFit(pieces.unit, pieces.params, spectra, None, blocks.n, blocks.nll_sum, by_layer)
-        taylor = pieces.taylor_bound_of(laplace_layer_logs(spectra, temperature), delta)
-        # no scale fit for the Laplace width: Q = (F_new + κP)/T is α = β = 1, τ = T against κP
-        fit = ScaleFit(scales={sp.name: {"alpha": 1.0, "beta": 1.0, "tau": temperature} for sp in spectra},
+        alphas = {sp.name: floor[_name(sp.name)] / by_layer[_name(sp.name)] for sp in spectra}
+        taylor = pieces.taylor_bound_of(laplace_layer_logs(spectra, temperature, alphas), delta)
+        # no scale fit for the Laplace width: Q = (F_new + α·κP)/T is β = 1, τ = T against κP
+        fit = ScaleFit(scales={sp.name: {"alpha": alphas[sp.name], "beta": 1.0, "tau": temperature}
+                               for sp in spectra},
                        objective="catoni", bound=taylor["value"], c=taylor["c"], delta=delta, kl=taylor["kl"],
                        emp_risk_bits=taylor["emp_risk_bits"], n=blocks.n)
     meta = posterior_meta(
@@ -255,6 +260,8 @@ WIDTH_NOTE = (
 STRENGTHS = ("marglik", "bound")
 WIDTHS = ("auto", "laplace", "bound")
 AUTO_BOUND = 0.5
+BODY_COVARIANCE_FLOOR = 1.0
+"""Q's body precision is F_new + max(κ, this)·P: the evidence may weaken the prior for the mean, not widen Q."""
 """width="auto" fits the bound-based Q when even zero training error would certify below this."""
 STRENGTH_NOTE = (
     "the prior enters as κP with κ per group (pretrained body, new head) chosen on the grid by the Laplace "
@@ -281,9 +288,12 @@ def _evidence_strengths(
     return choose_strengths(spectra, {sp.name: groups[_name(sp.name)] for sp in spectra})
 
 
-def laplace_layer_logs(spectra: Sequence[LayerSpectrum], temperature: float = 1.0) -> Tensor:
-    """log α = log β = 0 and log τ = log T for every layer: Q = (F + κP)/T (spectra already against κP)."""
+def laplace_layer_logs(spectra: Sequence[LayerSpectrum], temperature: float = 1.0,
+                       alphas: dict[str, float] | None = None) -> Tensor:
+    """log α (0 unless `alphas` says), log β = 0, log τ = log T per layer: Q = (F + ακP)/T, spectra against κP."""
     logs = torch.zeros(len(spectra), 3, dtype=torch.float64)
+    if alphas is not None:
+        logs[:, 0] = torch.tensor([math.log(alphas[sp.name]) for sp in spectra], dtype=torch.float64)
     logs[:, 2] = math.log(temperature)
     return logs
 
