@@ -10,9 +10,9 @@ from torch import nn
 
 import zoo
 from zoo import DataError, ModelError, NumericalError
+from zoo.layers import KronLayer
 from zoo.marglik import STRENGTH_GRID
 from zoo.pacbayes import catoni_grid
-from zoo.layers import KronLayer
 from zoo.tuning import finetune, isotropic_prior, objective_value
 
 
