@@ -254,7 +254,8 @@ def finetune(
 
 
 WIDTH_NOTE = (
-    "laplace: Q = (F_new + κP)/T, T the widest on calibration.WIDTH_GRID whose predictive keeps the training "
+    "laplace: Q = (F_new + κ̄P)/T, κ̄ = max(κ, 1) in the body (never wider than the prior) and κ in a new head, "
+    "T the widest on calibration.WIDTH_GRID whose predictive keeps the training "
     "data's accuracy and NLL (within 0.01 nats); bound: scales fitted on the Taylor bound, s by the kl-bound."
 )
 STRENGTHS = ("marglik", "bound")
