@@ -261,9 +261,9 @@ WIDTH_NOTE = (
 STRENGTHS = ("marglik", "bound")
 WIDTHS = ("auto", "laplace", "bound")
 AUTO_BOUND = 0.5
+"""width="auto" fits the bound-based Q when even zero training error would certify below this."""
 BODY_COVARIANCE_FLOOR = 1.0
 """Q's body precision is F_new + max(κ, this)·P: the evidence may weaken the prior for the mean, not widen Q."""
-"""width="auto" fits the bound-based Q when even zero training error would certify below this."""
 STRENGTH_NOTE = (
     "the prior enters as κP with κ per group (pretrained body, new head) chosen on the grid by the Laplace "
     "evidence of the training data; the certificate is against κP and pays |grid|^groups by the union bound."
