@@ -289,12 +289,10 @@ def _evidence_strengths(
     return choose_strengths(spectra, {sp.name: groups[_name(sp.name)] for sp in spectra})
 
 
-def laplace_layer_logs(spectra: Sequence[LayerSpectrum], temperature: float = 1.0,
-                       alphas: dict[str, float] | None = None) -> Tensor:
-    """log α (0 unless `alphas` says), log β = 0, log τ = log T per layer: Q = (F + ακP)/T, spectra against κP."""
+def laplace_layer_logs(spectra: Sequence[LayerSpectrum], temperature: float, alphas: dict[str, float]) -> Tensor:
+    """log α = log alphas[layer], log β = 0, log τ = log T per layer: Q = (F + ακP)/T, spectra against κP."""
     logs = torch.zeros(len(spectra), 3, dtype=torch.float64)
-    if alphas is not None:
-        logs[:, 0] = torch.tensor([math.log(alphas[sp.name]) for sp in spectra], dtype=torch.float64)
+    logs[:, 0] = torch.tensor([math.log(alphas[sp.name]) for sp in spectra], dtype=torch.float64)
     logs[:, 2] = math.log(temperature)
     return logs
 
