@@ -95,8 +95,14 @@ def _add_finetune_and_certify(sub: argparse._SubParsersAction) -> None:
     add_commands(sub)
 
 
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    from zoo.commands_evaluate import add_commands
+
+    add_commands(sub)
+
+
 _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_demo, _add_push, _add_pull, _add_finetune_and_certify,
+    _add_demo, _add_push, _add_pull, _add_finetune_and_certify, _add_evaluate,
 ]
 
 ENTRY_POINT_GROUP = "prior_zoo.commands"
