@@ -126,3 +126,16 @@ def test_metadata_without_a_model_is_refused(tmp_path: Path, meta: Any) -> None:
 def test_missing_directory_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ArtifactError, match="create the artifact directory"):
         write_card(tmp_path / "nope", META)
+
+
+def test_posterior_card_shows_its_certificate_labelled(tmp_path: Path) -> None:
+    meta = dict(META, kind="posterior", certificate={
+        "bound": 0.3351, "kind": "kl", "delta": 0.05, "n": 359, "kl": 19.84, "empirical_risk": 0.055,
+        "samples": 100, "hypotheses": 3, "taylor_bound": 0.436},
+        certificate_kind="data-dependent prior: prior mean fitted on the first 358 training examples")
+    text = written(tmp_path, meta).text
+    assert "## Certificate" in text and "**Certificate: 0.335**" in text
+    assert "n = 359" in text and "KL = 19.8 nats" in text and "3 prior(s)" in text
+    assert "not a certificate: 0.436" in text and "data-dependent prior" in text
+    (tmp_path / "prior").mkdir()
+    assert "## Certificate" not in written(tmp_path / "prior", dict(META)).text

@@ -179,6 +179,7 @@ def _context(meta: Mapping[str, Any], repo_id: str, plan: Mapping[str, Any], bui
         )
     elif isinstance(held, Mapping):
         holdout_text = "The width was not checked on held-out data (the build had none)."
+    certificate_text = _certificate_text(meta.get("certificate"), meta.get("certificate_kind"))
     summary = meta.get("scales_summary") if built else None
     rows = []
     if isinstance(summary, Mapping):
@@ -218,9 +219,26 @@ def _context(meta: Mapping[str, Any], repo_id: str, plan: Mapping[str, Any], bui
         "scales_count_text": _count(len(meta.get("scales") or {}), "module"),
         "bound_text": bound_text,
         "holdout_text": holdout_text,
+        "certificate_text": certificate_text,
         "build_command": build_command or f"zoo build {timm_name} --data /path/to/imagenet --out OUT_DIR "
                                           f"--fisher {fisher}",
     }
+
+
+def _certificate_text(cert: Any, how: Any) -> str:
+    """The posterior's certificate, labelled: kind, δ, n, KL, empirical Gibbs risk (empty for a prior)."""
+    if not isinstance(cert, Mapping) or cert.get("bound") is None:
+        return ""
+    text = (f"**Certificate: {_fmt(float(cert['bound']))}**, an upper bound on the 0-1 error of the Gibbs "
+            f"classifier (weights drawn from this posterior) that holds with probability ≥ "
+            f"{1 - float(cert.get('delta', 0.05)):g}: {cert.get('kind', 'PAC-Bayes')} bound, n = {cert.get('n')}, "
+            f"KL = {_fmt(cert.get('kl'))} nats, empirical Gibbs risk {_fmt(cert.get('empirical_risk'))} over "
+            f"{cert.get('samples')} weight draws, {cert.get('hypotheses', 1)} prior(s) paid by the union bound.")
+    if cert.get("taylor_bound") is not None:
+        text += f" The paper's Taylor-approximated bound, not a certificate: {_fmt(float(cert['taylor_bound']))}."
+    if how:
+        text += f" Prior: {how}."
+    return text
 
 
 def render_card(
