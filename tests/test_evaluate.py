@@ -2,34 +2,19 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from cli_support import cli
 from digits_task import CLASSES, digits, upstream_prior_dir
 from PIL import Image
 
 import zoo
 from zoo import metrics
-from zoo.commands_evaluate import add_commands as add_evaluate
-from zoo.commands_finetune import add_commands as add_finetune
 from zoo.report import FIGURES, FILES, Outputs, reliability_bins, write_report
-
-
-def cli(*argv: str) -> int:
-    parser = argparse.ArgumentParser(prog="zoo")
-    sub = parser.add_subparsers(dest="command")
-    add_finetune(sub)
-    add_evaluate(sub)
-    args = parser.parse_args(argv)
-    try:
-        return args.handler(args)
-    except zoo.ZooError as err:
-        print(f"error: {err}")
-        return 2
 
 
 def save_images(root: Path, x: torch.Tensor, y: torch.Tensor | None) -> None:

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import pytest
 import torch
+from cli_support import cli
 from digits_task import CLASSES, HEAD_LAMBDA, batches, downstream, gibbs_test_error, upstream_prior_dir
 from PIL import Image
 
 import zoo
 from zoo import ConfigError, DataError
-from zoo.commands_finetune import add_commands
 from zoo.posterior import Posterior
 from zoo.tuning import finetune, isotropic_prior
 
@@ -97,17 +96,6 @@ def test_saved_posterior_is_the_prior_of_a_second_task(learned, tmp_path: Path) 
     assert post2.meta["prior"]["kind"] == "posterior"
     post2.save(str(tmp_path / "second"))
     assert zoo.load(str(tmp_path / "second"))[1].meta["kind"] == "posterior"
-
-
-def cli(*argv: str) -> int:
-    parser = argparse.ArgumentParser(prog="zoo")
-    add_commands(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    try:
-        return args.handler(args)
-    except zoo.ZooError as err:
-        print(f"error: {err}")
-        return 2
 
 
 def test_cli_finetune_and_certify(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

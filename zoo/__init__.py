@@ -22,6 +22,7 @@ _LAZY = {
     "Prior": "zoo.prior",
     "finetune": "zoo.tuning",
     "Posterior": "zoo.posterior",
+    "certify_data_dependent": "zoo.certified",
 }
 
 
@@ -47,6 +48,7 @@ __all__ = [
     "ZooError",
     "__version__",
     "build_prior",
+    "certify_data_dependent",
     "finetune",
     "load",
 ]

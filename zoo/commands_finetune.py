@@ -35,6 +35,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--samples", type=int, default=100, help="weight draws for the certificate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep-head", action="store_true", help="keep the prior's head (same task, same classes)")
+    p.add_argument("--certificate", choices=("training", "data-dependent"), default="training",
+                   help="training: fine-tune on all the data and certify against the prior (vacuous for small n); "
+                        "data-dependent: re-centre the prior on half the data, fine-tune and certify on the rest "
+                        "(zoo.certified; the run's posterior is then that Q)")
     p.set_defaults(handler=_finetune)
 
     c = sub.add_parser("certify", help="print the certificate of a fine-tuning run",
@@ -77,6 +81,7 @@ def _finetune(args: argparse.Namespace) -> int:
     import torch
 
     import zoo
+    from zoo.certified import certify_data_dependent
     from zoo.tuning import finetune
 
     out = Path(args.out)
@@ -89,11 +94,21 @@ def _finetune(args: argparse.Namespace) -> int:
     g = torch.Generator().manual_seed(args.seed)
     loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, shuffle=True, generator=g)
     fixed = torch.utils.data.DataLoader(data, batch_size=args.batch_size, shuffle=False)
-    posterior = finetune(model, prior, loader, args.objective, epochs=args.epochs, lr=args.lr, delta=args.delta,
-                         generator=torch.Generator().manual_seed(args.seed), dataset=str(args.data),
-                         prior_ref=str(args.prior))
-    cert = posterior.certificate(fixed, delta=args.delta, samples=args.samples,
-                                 generator=torch.Generator().manual_seed(args.seed + 1), progress=True)
+    if args.certificate == "data-dependent":
+        if args.objective == "map":
+            raise ConfigError("--certificate data-dependent fine-tunes Q for a bound; use --objective catoni or "
+                              "mcallester")
+        run = certify_data_dependent(model, prior, fixed, objective=args.objective, epochs=args.epochs, lr=args.lr,
+                                     delta=args.delta, samples=args.samples,
+                                     generator=torch.Generator().manual_seed(args.seed), progress=True)
+        posterior, cert = run.posterior, run.certificate
+        print(run.describe())
+    else:
+        posterior = finetune(model, prior, loader, args.objective, epochs=args.epochs, lr=args.lr, delta=args.delta,
+                             generator=torch.Generator().manual_seed(args.seed), dataset=str(args.data),
+                             prior_ref=str(args.prior))
+        cert = posterior.certificate(fixed, delta=args.delta, samples=args.samples,
+                                     generator=torch.Generator().manual_seed(args.seed + 1), progress=True)
     posterior.meta["classes"] = list(classes)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -130,4 +145,8 @@ def _certify(args: argparse.Namespace) -> int:
     except json.JSONDecodeError as err:
         raise DataError(f"{path} is not valid JSON ({err}); rerun `zoo finetune`") from err
     print(json.dumps(record, indent=2, sort_keys=True) if args.json else Certificate.from_dict(record))
+    config = Path(args.run_dir) / "prior_config.json"
+    how = json.loads(config.read_text()).get("certificate_kind") if config.is_file() and not args.json else None
+    if how:
+        print(f"prior: {how}")
     return 0
