@@ -40,7 +40,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from digits_task import CLASSES, Batches, batches, digits, gibbs_test_error
+from digits_task import CLASSES, Batches, batches, class_split, digits, gibbs_test_error
 from transfer_task import upstream
 
 import zoo
@@ -71,18 +71,10 @@ def split(seed: int, n_train: int | None = None) -> tuple[Batches, Tensor, Tenso
     """(training batches, test images, test labels): digits 5–9, a fifth of each class held out, seeded."""
     x, y = digits()
     g = torch.Generator().manual_seed(seed)
-    train_idx, test_idx = [], []
-    for k in range(CLASSES, 2 * CLASSES):
-        idx = torch.nonzero(y == k).flatten()
-        idx = idx[torch.randperm(idx.numel(), generator=g)]
-        cut = round(TEST_FRACTION * idx.numel())
-        test_idx.append(idx[:cut])
-        train_idx.append(idx[cut:])
-    tr = torch.cat(train_idx)
+    te, tr = class_split(y, lambda count: round(TEST_FRACTION * count), g)
     tr = tr[torch.randperm(tr.numel(), generator=g)]
     if n_train is not None:
         tr = tr[:n_train]
-    te = torch.cat(test_idx)
     return batches(x[tr], y[tr] - CLASSES), x[te], y[te] - CLASSES
 
 

@@ -12,6 +12,7 @@ import functools
 import itertools
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import timm
@@ -95,17 +96,22 @@ def upstream_prior_dir(epochs: int = 8, seed: int = 0, lam: float | None = PRIOR
     return prior.save(str(root / "prior"), model=model)
 
 
-def downstream(shots: int, seed: int) -> tuple[Batches, torch.Tensor, torch.Tensor]:
-    """(training batches with `shots` images per class, test images, test labels); digits 5–9 relabelled 0–4."""
-    x, y = digits()
-    g = torch.Generator().manual_seed(seed)
-    train_idx, test_idx = [], []
+def class_split(y: torch.Tensor, cut: Callable[[int], int],
+                g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of digits 5–9: per class a seeded permutation, cut(count) of it in the first part, the rest after."""
+    first, rest = [], []
     for k in range(CLASSES, 2 * CLASSES):
         idx = torch.nonzero(y == k).flatten()
         idx = idx[torch.randperm(idx.numel(), generator=g)]
-        train_idx.append(idx[:shots])
-        test_idx.append(idx[shots:])
-    tr, te = torch.cat(train_idx), torch.cat(test_idx)
+        first.append(idx[:cut(idx.numel())])
+        rest.append(idx[cut(idx.numel()):])
+    return torch.cat(first), torch.cat(rest)
+
+
+def downstream(shots: int, seed: int) -> tuple[Batches, torch.Tensor, torch.Tensor]:
+    """(training batches with `shots` images per class, test images, test labels); digits 5–9 relabelled 0–4."""
+    x, y = digits()
+    tr, te = class_split(y, lambda _: shots, torch.Generator().manual_seed(seed))
     return batches(x[tr], y[tr] - CLASSES), x[te], y[te] - CLASSES
 
 
