@@ -18,6 +18,7 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from sklearn.datasets import load_digits
 
 import zoo
@@ -113,6 +114,15 @@ def downstream(shots: int, seed: int) -> tuple[Batches, torch.Tensor, torch.Tens
     x, y = digits()
     tr, te = class_split(y, lambda _: shots, torch.Generator().manual_seed(seed))
     return batches(x[tr], y[tr] - CLASSES), x[te], y[te] - CLASSES
+
+
+def save_image_folder(root: Path, x: torch.Tensor, y: torch.Tensor | None = None, *, prefix: str = "") -> None:
+    """Images normalised like digits() as PNGs: in a folder `prefix`<label> per class, or flat under root."""
+    for i in range(x.shape[0]):
+        folder = root / (f"{prefix}{int(y[i])}" if y is not None else "")
+        folder.mkdir(parents=True, exist_ok=True)
+        img = ((x[i].permute(1, 2, 0) * 0.5 + 0.5) * 255).round().clamp(0, 255).byte().numpy()
+        Image.fromarray(img).save(folder / f"{i}.png")
 
 
 def gibbs_test_error(posterior: zoo.Prior, x: torch.Tensor, y: torch.Tensor, samples: int, seed: int) -> float:

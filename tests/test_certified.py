@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from cli_support import cli
-from digits_task import CLASSES, batches, downstream, gibbs_test_error, upstream_prior_dir
-from PIL import Image
+from digits_task import CLASSES, batches, downstream, gibbs_test_error, save_image_folder, upstream_prior_dir
 
 import zoo
 from zoo.certified import certify_data_dependent, recentred_prior, split_batches
@@ -77,13 +76,7 @@ def test_data_dependent_certificate_holds_on_held_out_data_and_is_informative() 
 def test_cli_finetune_with_a_data_dependent_certificate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     train, _, _ = task(0, 60)
     root = tmp_path / "data"
-    x = torch.cat([b[0] for b in train])
-    y = torch.cat([b[1] for b in train])
-    for i in range(x.shape[0]):
-        folder = root / f"class{int(y[i])}"
-        folder.mkdir(parents=True, exist_ok=True)
-        img = ((x[i].permute(1, 2, 0) * 0.5 + 0.5) * 255).round().clamp(0, 255).byte().numpy()
-        Image.fromarray(img).save(folder / f"{i}.png")
+    save_image_folder(root, torch.cat([b[0] for b in train]), torch.cat([b[1] for b in train]), prefix="class")
     out = tmp_path / "run"
     assert cli("finetune", str(upstream_prior_dir()), "--data", str(root), "--out", str(out), "--epochs", "2",
                "--lr", "1e-2", "--samples", "5", "--certificate", "data-dependent") == 0

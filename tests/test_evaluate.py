@@ -9,20 +9,12 @@ import numpy as np
 import pytest
 import torch
 from cli_support import cli
-from digits_task import CLASSES, digits, upstream_prior_dir
+from digits_task import CLASSES, digits, save_image_folder, upstream_prior_dir
 from PIL import Image
 
 import zoo
 from zoo import metrics
 from zoo.report import FIGURES, FILES, Outputs, reliability_bins, write_report
-
-
-def save_images(root: Path, x: torch.Tensor, y: torch.Tensor | None) -> None:
-    for i in range(x.shape[0]):
-        folder = root / (str(int(y[i])) if y is not None else "")
-        folder.mkdir(parents=True, exist_ok=True)
-        img = ((x[i].permute(1, 2, 0) * 0.5 + 0.5) * 255).round().clamp(0, 255).byte().numpy()
-        Image.fromarray(img).save(folder / f"{i}.png")
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +23,9 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("evaluate")
     x, y = digits()
     keep = torch.cat([torch.nonzero(y == k).flatten()[-20:] for k in range(CLASSES)])
-    save_images(root / "data", x[keep], y[keep])
+    save_image_folder(root / "data", x[keep], y[keep])
     ood = torch.cat([torch.nonzero(y == k).flatten()[:8] for k in range(CLASSES, 2 * CLASSES)])
-    save_images(root / "ood", x[ood], None)
+    save_image_folder(root / "ood", x[ood], None)
     return root / "data", root / "ood"
 
 

@@ -7,8 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 from cli_support import cli
-from digits_task import CLASSES, HEAD_LAMBDA, batches, downstream, gibbs_test_error, upstream_prior_dir
-from PIL import Image
+from digits_task import (
+    CLASSES,
+    HEAD_LAMBDA,
+    downstream,
+    gibbs_test_error,
+    save_image_folder,
+    upstream_prior_dir,
+)
 
 import zoo
 from zoo import ConfigError, DataError
@@ -101,11 +107,7 @@ def test_saved_posterior_is_the_prior_of_a_second_task(learned, tmp_path: Path) 
 def test_cli_finetune_and_certify(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     train, _, _ = downstream(4, 9)
     root = tmp_path / "data"
-    for i, (x, y) in enumerate(batches(*[torch.cat(t) for t in zip(*train, strict=True)], 1)):
-        folder = root / f"class{int(y[0])}"
-        folder.mkdir(parents=True, exist_ok=True)
-        img = ((x[0].permute(1, 2, 0) * 0.5 + 0.5) * 255).round().clamp(0, 255).byte().numpy()
-        Image.fromarray(img).save(folder / f"{i}.png")
+    save_image_folder(root, *[torch.cat(t) for t in zip(*train, strict=True)], prefix="class")
     out = tmp_path / "run"
     assert cli("finetune", str(upstream_prior_dir()), "--data", str(root), "--out", str(out), "--epochs", "3",
                "--lr", "1e-2", "--shots", "3", "--samples", "5") == 0

@@ -25,8 +25,7 @@ from tqdm.auto import tqdm
 
 from zoo.certificate import Certificate
 from zoo.errors import ConfigError, DataError
-from zoo.kron import KronPrecision
-from zoo.layers import IsoLayer, KronLayer, Layer
+from zoo.layers import IsoLayer, KronLayer, Layer, isotropic_kron, kron_matrix
 from zoo.posterior import Posterior
 from zoo.prior import Prior
 from zoo.tuning import finetune
@@ -60,11 +59,8 @@ def recentred_prior(prior: Prior, model: nn.Module) -> Prior:
     layers: dict[str, Layer] = {}
     for name, layer in prior.layers.items():
         if isinstance(layer, IsoLayer):
-            weight = modules[name].weight
-            inn = weight[0].numel() + (1 if "bias" in layer.params else 0)
-            eye_in = torch.eye(inn, dtype=torch.float64)
-            eye_out = torch.eye(weight.shape[0], dtype=torch.float64)
-            layers[name] = KronLayer(KronPrecision([(eye_in, eye_out)], [layer.lam]), layer.params)
+            shape = kron_matrix(modules[name], layer.params).shape
+            layers[name] = KronLayer(isotropic_kron(layer.lam, *shape), layer.params)
             prefix = f"{name}." if name else ""
             mean.update({prefix + p: getattr(modules[name], p).detach().clone().cpu() for p in layer.params})
         else:

@@ -118,7 +118,6 @@ def _evaluate(args: argparse.Namespace) -> int:
     model, prior = zoo.load(args.ref)
     kind = prior.meta.get("kind", "prior")
     model_like = Posterior.from_prior(model, prior) if kind == "posterior" else prior
-    model_like.model = model  # the prior predicts through the network it came from
     config = timm.data.resolve_data_config(model=model)
     transform = timm.data.create_transform(**config, is_training=False)
     data = image_folder(args.data, transform, None, args.seed)

@@ -37,7 +37,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-head", action="store_true", help="keep the prior's head (same task, same classes)")
     p.add_argument("--certificate", choices=("training", "data-dependent"), default="training",
                    help="training: fine-tune on all the data and certify against the prior (vacuous for small n); "
-                        "data-dependent: re-centre the prior on half the data, fine-tune and certify on the rest "
+                        "data-dependent: re-centre the prior on half the data, fit Q's width and certify on the rest "
                         "(zoo.certified; the run's posterior is then that Q)")
     p.set_defaults(handler=_finetune)
 
@@ -96,7 +96,7 @@ def _finetune(args: argparse.Namespace) -> int:
     fixed = torch.utils.data.DataLoader(data, batch_size=args.batch_size, shuffle=False)
     if args.certificate == "data-dependent":
         if args.objective == "map":
-            raise ConfigError("--certificate data-dependent fine-tunes Q for a bound; use --objective catoni or "
+            raise ConfigError("--certificate data-dependent fits Q's width on a bound; use --objective catoni or "
                               "mcallester")
         run = certify_data_dependent(model, prior, fixed, objective=args.objective, epochs=args.epochs, lr=args.lr,
                                      delta=args.delta, samples=args.samples,

@@ -59,6 +59,11 @@ class IsoLayer:
 Layer = KronLayer | DiagLayer | IsoLayer
 
 
+def isotropic_kron(lam: float, out: int, inn: int) -> KronPrecision:
+    """λI over an (out × inn) [W | b] as one Kronecker term λ(I ⊗ I): a new head's prior in K-FAC form."""
+    return KronPrecision([(torch.eye(inn, dtype=torch.float64), torch.eye(out, dtype=torch.float64))], [lam])
+
+
 class LazyLayers(Mapping[str, Layer]):
     """Layers loaded on first access, so opening a large prior reads nothing it does not use."""
 

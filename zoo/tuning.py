@@ -33,7 +33,7 @@ from zoo.curvature import DiagonalBlock, KronBlock, kfac
 from zoo.errors import ConfigError, DataError, ModelError, NumericalError
 from zoo.kron import KronPrecision, extend, rescale_parts, split_diagonal
 from zoo.kron.exact import EIGH_FALLBACKS
-from zoo.layers import DiagLayer, IsoLayer, KronLayer, Layer, kron_matrix
+from zoo.layers import DiagLayer, IsoLayer, KronLayer, Layer, isotropic_kron, kron_matrix
 from zoo.marglik import STRENGTH_GRID, choose_strengths
 from zoo.pacbayes import catoni_grid, catoni_objective, kl_bound, map_objective, mcallester_objective
 from zoo.posterior import Posterior, check_architecture
@@ -354,9 +354,7 @@ def posterior_pieces(model: nn.Module, prior: Prior, blocks: Any) -> PosteriorFi
                                dim=1).double().cpu()
                 m = base.quadratic(theta - mu).item()
             else:
-                out, inn = theta.shape
-                eye = torch.eye
-                base = KronPrecision([(eye(inn, dtype=torch.float64), eye(out, dtype=torch.float64))], [layer.lam])
+                base = isotropic_kron(layer.lam, *theta.shape)
                 m = layer.lam * theta.square().sum().item()
             q1 = extend(base, block.A.detach().cpu(), block.G.detach().cpu())
             e, r = split_diagonal(q1)
