@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/zoo demo
+	$(BIN)/zoo demo --transfer
 
 test: $(STAMP)
 	$(BIN)/ruff check zoo builders api tests benchmarks

@@ -169,6 +169,14 @@ def repository_labels(root: Path | None, num_classes: int) -> list[str] | None:
     return None
 
 
+def recorded_classes(meta: dict[str, Any], num_classes: int) -> list[str] | None:
+    """The class names `zoo finetune` records in the metadata (meta["classes"]), when there is one per class."""
+    names = meta.get("classes")
+    if isinstance(names, list) and len(names) == num_classes and all(isinstance(n, str) for n in names):
+        return names
+    return None
+
+
 def load_model(ref: str, settings: Settings) -> ServedModel:
     """zoo.load one REF, and build its default predictor now (weight draws, covariance pieces) so requests don't."""
     from timm.data import create_transform, resolve_data_config
@@ -184,7 +192,8 @@ def load_model(ref: str, settings: Settings) -> ServedModel:
     config = resolve_data_config(model=model)
     served = ServedModel(
         name=model_name(ref), source=ref, model=model, gaussian=prior,
-        labels=repository_labels(root, int(model.num_classes)), transform=create_transform(**config),
+        labels=repository_labels(root, int(model.num_classes)) or recorded_classes(prior.meta, int(model.num_classes)),
+        transform=create_transform(**config),
         input_size=tuple(int(v) for v in config["input_size"]),  # type: ignore[arg-type]
         mode=settings.mode, samples=settings.samples, seed=settings.seed, cache_size=settings.predictor_cache,
     )

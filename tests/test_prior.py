@@ -264,3 +264,23 @@ def test_fit_refuses_bad_input() -> None:
         fit_scales(spec, n=10, nll_sum=1.0, objective="bogus")
     with pytest.raises(zoo.ZooError):
         fit_scales([LayerSpectrum("l", torch.tensor([-1.0], dtype=torch.float64), 0.0)], n=10, nll_sum=1.0)
+
+
+def test_single_precision_quadratic_matches_float64_value_and_gradient(built) -> None:
+    model, prior, _ = built
+    moved = tiny_model(seed=1)
+    moved.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    grads = []
+    values = []
+    for single in (False, True):
+        moved.zero_grad()
+        q = prior.quadratic(moved, single=single)
+        q.backward()
+        values.append(q.item())
+        grads.append(torch.cat([p.grad.flatten() for p in moved.parameters()]))
+    assert values[0] > 0
+    assert values[1] == pytest.approx(values[0], rel=1e-5)
+    assert torch.allclose(grads[1], grads[0], rtol=1e-4, atol=1e-6 * grads[0].abs().max().item())

@@ -148,3 +148,44 @@ def test_laplace_width_never_widens_the_body_past_its_prior(prior_and_model) -> 
         else:
             for key, p in layer.precision.items():
                 assert bool((q.precision[key].double() >= p.double() * (1 - 1e-12)).all()), (name, key)
+
+
+def bn_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)).eval()
+
+
+def test_adapted_norm_statistics_are_the_training_data_moments() -> None:
+    """AdaBN: after adaptation the running mean/var are the moments of the first layer's outputs on the data."""
+    from zoo.tuning import adapt_norm_statistics
+
+    model = bn_model()
+    shifted = [(x * 3.0 + 5.0, y) for x, y in data(4, n=48)]
+    assert adapt_norm_statistics(model, shifted) == 1
+    h = torch.cat([model[0](x) for x, _ in shifted]).detach()
+    bn = model[1]
+    assert torch.allclose(bn.running_mean, h.mean(0), atol=1e-5)
+    # cumulative average of per-batch unbiased variances, equal-size batches: the mean of the batch variances
+    per_batch = torch.stack([model[0](x).detach().var(0) for x, _ in shifted])
+    assert torch.allclose(bn.running_var, per_batch.mean(0), atol=1e-5)
+    assert bn.momentum == 0.1 and not bn.training
+    with pytest.raises(DataError, match="at least 2"):
+        adapt_norm_statistics(bn_model(), [(torch.randn(1, 4), torch.tensor([0]))])
+
+
+def test_finetune_keeps_norm_statistics_unless_asked() -> None:
+    model = bn_model()
+    prior = zoo.build_prior(model, data(), progress=False, holdout=0, generator=torch.Generator().manual_seed(0))
+    shifted = [(x * 3.0 + 5.0, y) for x, y in data(4, n=48)]
+    kept = bn_model()
+    kept.load_state_dict(model.state_dict())
+    post = finetune(kept, prior, shifted, epochs=1, progress=False)
+    assert torch.equal(kept[1].running_mean, model[1].running_mean)
+    assert post.meta["finetune"]["norm_statistics"] == {"method": "keep", "adapted_layers": 0}
+    adapted = bn_model()
+    adapted.load_state_dict(model.state_dict())
+    post = finetune(adapted, prior, shifted, epochs=1, progress=False, norm_statistics="adapt")
+    assert not torch.allclose(adapted[1].running_mean, model[1].running_mean, atol=0.1)
+    assert post.meta["finetune"]["norm_statistics"] == {"method": "adapt", "adapted_layers": 1}
+    with pytest.raises(zoo.ConfigError, match="norm_statistics"):
+        finetune(bn_model(), prior, shifted, epochs=0, progress=False, norm_statistics="batch")

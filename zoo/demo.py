@@ -85,8 +85,13 @@ def _sample_photos() -> list[tuple[str, Image.Image]]:
     return [(Path(f).stem, Image.fromarray(a)) for f, a in zip(photos.filenames, photos.images, strict=True)]
 
 
-def run_demo(json_path: str | None = None, seed: int = 0) -> dict[str, Any]:
-    """Run the demo, print a report, and return (and optionally write) the measured results."""
+def run_demo(json_path: str | None = None, seed: int = 0, *, transfer: bool = False, quick: bool = False,
+             out_dir: str | None = None) -> dict[str, Any]:
+    """Run the demo, print a report, and return (and optionally write) the measured results.
+
+    `transfer` adds steps 5–9 (zoo.demo_transfer: fine-tune on digits, certificate, predictive, report, serve);
+    their repositories and report go to `out_dir` (default: the cache's demo/ folder). `quick` shrinks them.
+    """
     torch.manual_seed(seed)
     t_start = time.perf_counter()
     model = efficientnet_lite0().eval()
@@ -120,9 +125,10 @@ def run_demo(json_path: str | None = None, seed: int = 0) -> dict[str, Any]:
           f"{held['network']['nll']:.3f}, ECE {held['predictive']['ece']:.3f} vs {held['network']['ece']:.3f}"
           + ("" if held["met"] else "  (no width met all three; the narrowest is kept)"))
 
+    out = Path(out_dir) if out_dir else cache_root() / "demo"
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        path = prior.save(str(Path(tmp) / "efficientnet_lite0-smoke-kfac"), model=model)
+        path = prior.save(str((out if transfer else Path(tmp)) / DEFAULT_NAME), model=model)
         sizes = {f.name: f.stat().st_size for f in sorted(path.iterdir())}
         model, prior = load(str(path))
         t_io = time.perf_counter() - t0
@@ -151,8 +157,16 @@ def run_demo(json_path: str | None = None, seed: int = 0) -> dict[str, Any]:
         "build_seconds": t_build, "coverage": covered / n_params, "blocks": len(kinds),
         "artifact_bytes": sizes, "save_load_seconds": t_io, "scales_summary": scales,
         "predictive": rows, "samples": SAMPLES, "holdout": prior.meta["holdout"],
-        "total_seconds": time.perf_counter() - t_start,
     }
+    if transfer:
+        from zoo.demo_transfer import QUICK, TransferPlan, run_transfer
+
+        ood = [*photos, ("noise", Image.fromarray(((noise[0].permute(1, 2, 0) + 1) * 127.5).clamp(0, 255)
+                                                  .to(torch.uint8).numpy()))]
+        result["transfer"] = run_transfer(path, out, ood, seed=seed, plan=QUICK if quick else TransferPlan())
+    result["steps"] = ["pretrained", "prior", "save_load", "predictive"] + (
+        ["finetune", "certificate", "transfer_predictive", "report", "serve"] if transfer else [])
+    result["total_seconds"] = time.perf_counter() - t_start
     print(f"done in {result['total_seconds']:.0f} s")
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=2, default=lambda o: np.asarray(o).tolist()))

@@ -12,7 +12,12 @@
    KL, log-det) is exact for the Gaussian it represents, so its certificate is rigorous.
 
 Training runs the model in eval mode: BatchNorm keeps the prior's statistics, so the classifier is a function of the
-weights alone (the bound is over weights) and few-shot batches do not corrupt the statistics.
+weights alone (the bound is over weights) and few-shot batches do not corrupt the statistics. Across a domain
+shift (ImageNet statistics on digits) those statistics make every input look alike and nothing trains
+(measured: efficientnet_lite0 on 200 digits at 32 px stays at chance); `norm_statistics="adapt"` first
+re-estimates them on the training data (AdaBN, Li et al. 2016), then trains in eval mode as before. The
+statistics then depend on the training data, which a certificate on that same data does not account for, so it
+is opt-in here; `zoo.certify_data_dependent` adapts on the prior's half only, where it costs rigour nothing.
 """
 
 from __future__ import annotations
@@ -56,7 +61,9 @@ def objective_value(
     """
     logits = model(x)
     nll = F.cross_entropy(logits, y)
-    half_quad = 0.5 * prior.quadratic(model)
+    # the prior term in the network's own precision: float32 networks get the twice-faster float32 evaluation
+    single = next(model.parameters()).dtype != torch.float64
+    half_quad = 0.5 * prior.quadratic(model, single=single)
     nll64 = nll.double().to(half_quad.device)
     if not (torch.isfinite(nll64) and torch.isfinite(half_quad)):
         raise NumericalError(f"the training loss is not finite (NLL {nll.item()}, prior term {half_quad.item()}); "
@@ -94,6 +101,7 @@ def finetune(
     width: str = "auto",
     sharpen: Sequence[float] | None = None,
     selection_samples: int = 8,
+    norm_statistics: str = "keep",
 ) -> Posterior:
     """Fine-tune `model` (whose weights start at the prior mean) on `train_loader` and return its Posterior.
 
@@ -113,6 +121,9 @@ def finetune(
     `sharpen` value (grid SHARPEN_GRID) with the lowest kl-bound on `selection_samples` Monte Carlo draws;
     "auto" (default) uses "bound" only where a bound can be informative (the kl-bound at zero training error is
     below 0.5) and "laplace" elsewhere. The model is updated in place and becomes the posterior's `model`.
+
+    `norm_statistics="adapt"` re-estimates BatchNorm's running statistics on `train_loader` before training (see
+    the module docstring); "keep" (default) trains with the prior's.
     """
     if objective not in OBJECTIVES:
         raise ConfigError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
@@ -123,6 +134,8 @@ def finetune(
         raise ConfigError(f"strength must be one of {STRENGTHS}, got {strength!r}")
     if width not in WIDTHS:
         raise ConfigError(f"width must be one of {WIDTHS}, got {width!r}")
+    if norm_statistics not in NORM_STATISTICS:
+        raise ConfigError(f"norm_statistics must be one of {NORM_STATISTICS}, got {norm_statistics!r}")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ConfigError(f"epochs must be a non-negative integer, got {epochs!r}")
     if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
@@ -142,6 +155,7 @@ def finetune(
     kappa = dict.fromkeys(groups.values(), STRENGTH_GRID[0] if marglik else 1.0)  # burn-in with the weakest prior
     strength_record: list[dict[str, Any]] = []
     refresh = max(1, epochs // 5)  # κ refreshed four times during training, then once at the end
+    adapted = adapt_norm_statistics(model, train_loader) if norm_statistics == "adapt" else 0
     model.eval()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -237,6 +251,7 @@ def finetune(
         training={"epochs": epochs, "epochs_run": len(history), "lr": lr, "seed": seed, "patience": patience,
                   "best_epoch": best[1] if best is not None else None, "history": history,
                   "seconds": round(train_seconds, 3),
+                  "norm_statistics": {"method": norm_statistics, "adapted_layers": adapted},
                   "c_note": ("catoni c fixed at ln 2 (the trade-off is carried by κ)" if marglik else
                              "catoni c re-chosen per epoch on catoni_grid() at δ/|grid|; it only steers the mean")},
         seconds=time.perf_counter() - t0, prior_ref=prior_ref,
@@ -259,6 +274,34 @@ WIDTH_NOTE = (
     "data's accuracy and NLL (within 0.01 nats); bound: scales fitted on the Taylor bound, s by the kl-bound."
 )
 STRENGTHS = ("marglik", "bound")
+NORM_STATISTICS = ("keep", "adapt")
+
+
+def adapt_norm_statistics(model: nn.Module, loader: Iterable[Any]) -> int:
+    """Re-estimate every BatchNorm's running mean and variance on `loader` (a cumulative average over all its
+    batches, no gradients, weights untouched); returns how many layers were adapted."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return 0
+    device = next(model.parameters()).device
+    momenta = [m.momentum for m in norms]
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: every batch counts equally
+        m.train()
+    try:
+        with torch.no_grad():
+            for x, _ in loader:
+                if x.shape[0] < 2:
+                    raise DataError("adapting BatchNorm statistics needs batches of at least 2 examples; use a "
+                                    "larger batch size or norm_statistics='keep'")
+                model(x.to(device))
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+        model.eval()
+    return len(norms)
 WIDTHS = ("auto", "laplace", "bound")
 AUTO_BOUND = 0.5
 """width="auto" fits the bound-based Q when even zero training error would certify below this."""

@@ -126,6 +126,18 @@ class Decomposition:
         y = self.side_out.cobasis.mT @ v @ self.side_in.cobasis
         return (self.diagonal() * y.square()).sum(dim=(-2, -1))
 
+    def quadratic_single(self, v: Tensor) -> Tensor:
+        """`quadratic` in float32 on cached float32 copies of the bases and D: a training loss's prior term,
+        evaluated every step, at half the float64 cost. Nothing is decomposed here."""
+        out_b, in_b, d = self._single
+        y = out_b.mT @ v.to(device=d.device, dtype=torch.float32) @ in_b
+        return (d * y.square()).sum(dim=(-2, -1))
+
+    @cached_property
+    def _single(self) -> tuple[Tensor, Tensor, Tensor]:
+        f32 = torch.float32
+        return self.side_out.cobasis.to(f32), self.side_in.cobasis.to(f32), self.diagonal().to(f32)
+
     def trace_inv(self, a: Tensor, g: Tensor) -> Tensor:
         """tr((A ⊗ G) Λ⁻¹) = Σ_oi diag(T_outᵀ G T_out)_o · diag(T_inᵀ A T_in)_i / D_oi."""
         da = _diag_congruence(a, self.side_in.T)

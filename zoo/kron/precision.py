@@ -194,6 +194,12 @@ class KronPrecision:
         """vec(V)ᵀ Λ vec(V) for V of shape (..., out, in); differentiable in V."""
         return self.decomposition().quadratic(self._check_matrix(v, "V"))
 
+    def quadratic_single(self, v: Tensor) -> Tensor:
+        """`quadratic` in float32 (a training objective's prior term; the decomposition stays float64)."""
+        if not isinstance(v, Tensor) or v.ndim < 2 or tuple(v.shape[-2:]) != self.shape:
+            self._check_matrix(v, "V")  # raises with the expected shape
+        return self.decomposition().quadratic_single(v)
+
     def trace_inv(self, a: Tensor, g: Tensor) -> Tensor:
         """tr((A ⊗ G) Λ⁻¹) for A in × in and G out × out."""
         out, inn = self.shape

@@ -1,0 +1,40 @@
+"""`zoo demo --transfer`: every step of the story lands in the JSON, and its outputs are real and consistent."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from cli_support import cli
+
+import zoo
+from zoo.demo import DEFAULT_NAME
+
+
+@pytest.mark.slow
+def test_demo_json_has_every_step_and_its_outputs_exist(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "demo"
+    result_file = tmp_path / "demo.json"
+    assert cli("demo", "--json", str(result_file), "--transfer", "--quick", "--out", str(out)) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(result_file.read_text())
+    assert result["steps"] == ["pretrained", "prior", "save_load", "predictive", "finetune", "certificate",
+                               "transfer_predictive", "report", "serve"]
+    for step in range(1, 10):
+        assert f"\n{step}. " in "\n" + printed, f"step {step} is not printed"
+    transfer = result["transfer"]
+    # the certificate is a probability bound, labelled with its n, and at least the empirical Gibbs risk
+    cert = transfer["certificate"]
+    assert cert["n"] == transfer["train"] and cert["empirical_risk"] <= cert["bound"] <= 1.0 and cert["kl"] > 0
+    # the report's accuracy is the posterior's, and it writes the files it names
+    report = Path(transfer["report"])
+    metrics = json.loads((report.parent / "metrics.json").read_text())
+    assert metrics["metrics"]["accuracy"] == pytest.approx(transfer["test_metrics"]["posterior"]["accuracy"])
+    assert (report.parent / "reliability.png").stat().st_size > 5000
+    # the served repository is a posterior whose preprocessing is the 32 px one training used, with digit labels
+    repo = Path(transfer["repository"])
+    assert transfer["serve"] == f"zoo serve {repo}" and (out / DEFAULT_NAME / "prior_config.json").is_file()
+    model, loaded = zoo.load(str(repo))
+    assert loaded.meta["kind"] == "posterior" and loaded.meta["classes"] == [str(k) for k in range(10)]
+    assert tuple(model.pretrained_cfg["input_size"]) == (3, 32, 32) and model.num_classes == 10
