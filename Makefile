@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/zoo demo --transfer
+	$(BIN)/zoo demo
 
 test: $(STAMP)
 	$(BIN)/ruff check zoo builders api tests benchmarks

@@ -1,4 +1,4 @@
-"""`zoo demo --transfer`: every step of the story lands in the JSON, and its outputs are real and consistent."""
+"""`zoo demo`: every step of the story lands in the JSON, and its outputs are real and consistent."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from zoo.demo import DEFAULT_NAME
 def test_demo_json_has_every_step_and_its_outputs_exist(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "demo"
     result_file = tmp_path / "demo.json"
-    assert cli("demo", "--json", str(result_file), "--transfer", "--quick", "--out", str(out)) == 0
+    assert cli("demo", "--json", str(result_file), "--quick", "--out", str(out)) == 0
     printed = capsys.readouterr().out
     result = json.loads(result_file.read_text())
     assert result["steps"] == ["pretrained", "prior", "save_load", "predictive", "finetune", "certificate",

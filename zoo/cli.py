@@ -17,16 +17,16 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the whole loop offline on the embedded default (CPU, minutes)")
     p.add_argument("--json", metavar="FILE", help="also write the measured results to FILE as JSON")
     p.add_argument("--seed", type=int, default=0, help="seed for every sampled quantity")
-    p.add_argument("--transfer", action="store_true",
-                   help="also fine-tune on the digits, certify, evaluate, save a servable posterior (+2–3 min)")
-    p.add_argument("--out", metavar="DIR", help="where --transfer writes its repositories and report "
+    p.add_argument("--prior-only", action="store_true",
+                   help="stop after the prior's predictive (steps 1–4, about 80 s): no fine-tuning on the digits")
+    p.add_argument("--out", metavar="DIR", help="where steps 5–9 write the repositories and the report "
                    "(default: the cache's demo/ folder)")
-    p.add_argument("--quick", action="store_true", help="small --transfer sizes (a smoke run, for tests)")
+    p.add_argument("--quick", action="store_true", help="small fine-tuning sizes (a smoke run, for tests)")
 
     def run(args: argparse.Namespace) -> int:
         from zoo.demo import run_demo
 
-        run_demo(json_path=args.json, seed=args.seed, transfer=args.transfer, quick=args.quick, out_dir=args.out)
+        run_demo(json_path=args.json, seed=args.seed, transfer=not args.prior_only, quick=args.quick, out_dir=args.out)
         return 0
 
     p.set_defaults(handler=run)
