@@ -139,3 +139,20 @@ def test_posterior_card_shows_its_certificate_labelled(tmp_path: Path) -> None:
     assert "not a certificate: 0.436" in text and "data-dependent prior" in text
     (tmp_path / "prior").mkdir()
     assert "## Certificate" not in written(tmp_path / "prior", dict(META)).text
+
+
+def test_posterior_card_shows_held_out_figures_and_its_reliability_diagram(tmp_path: Path) -> None:
+    import torch
+
+    from zoo.report import Outputs, evaluation_record
+
+    probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]], dtype=torch.float64)
+    labels = torch.tensor([0, 1, 1, 1])
+    outputs = Outputs(probs, torch.special.entr(probs).sum(-1), torch.zeros(4, dtype=torch.float64))
+    ev = evaluation_record(outputs, labels, dataset="toy", mode="glm", samples=8)
+    assert ev["accuracy"] == pytest.approx(0.75) and ev["n"] == 4 and len(ev["reliability"]) > 0
+    text = written(tmp_path, dict(META, kind="posterior", evaluation=ev)).text
+    assert "## Held-out evaluation" in text and "On 4 held-out examples of toy (glm predictive, 8 samples)" in text
+    assert "| accuracy | 0.75 |" in text and "](reliability.png)" in text
+    (tmp_path / "prior").mkdir()
+    assert "## Held-out evaluation" not in written(tmp_path / "prior", dict(META)).text

@@ -32,6 +32,10 @@ def test_demo_json_has_every_step_and_its_outputs_exist(tmp_path: Path, capsys: 
     metrics = json.loads((report.parent / "metrics.json").read_text())
     assert metrics["metrics"]["accuracy"] == pytest.approx(transfer["test_metrics"]["posterior"]["accuracy"])
     assert (report.parent / "reliability.png").stat().st_size > 5000
+    # its card carries the held-out figures and the reliability diagram, drawn into the repository
+    card = (Path(transfer["repository"]) / "README.md").read_text()
+    assert "## Held-out evaluation" in card and f"On {transfer['test']} held-out examples" in card
+    assert (Path(transfer["repository"]) / "reliability.png").stat().st_size > 5000
     # the served repository is a posterior whose preprocessing is the 32 px one training used, with digit labels
     repo = Path(transfer["repository"])
     assert transfer["serve"] == f"zoo serve {repo}" and (out / DEFAULT_NAME / "prior_config.json").is_file()

@@ -36,6 +36,8 @@ CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 PRIOR = "prior.safetensors"
 PRIOR_CONFIG = "prior_config.json"
+RELIABILITY = "reliability.png"
+"""The model card's reliability diagram, drawn from meta["evaluation"] when a posterior carries held-out figures."""
 CARD = "README.md"
 META_KEY = "prior_zoo"
 SEP = "::"
@@ -99,6 +101,11 @@ def save_prior(prior: Prior, directory: str | os.PathLike[str], model: nn.Module
         save_file(tensors, str(tmp / PRIOR), metadata={META_KEY: json.dumps(meta)})
         config = dict(meta, prior_sha256=sha256_file(tmp / PRIOR))
         (tmp / PRIOR_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
+        if isinstance(meta.get("evaluation"), dict) and meta["evaluation"].get("reliability"):
+            from zoo.report import reliability_figure
+
+            ev = meta["evaluation"]
+            reliability_figure(ev["reliability"], float(ev["ece"]), int(ev["n"]), tmp / RELIABILITY)
         write_card(tmp, config)
         if target.exists():
             shutil.rmtree(target)

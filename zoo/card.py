@@ -180,6 +180,7 @@ def _context(meta: Mapping[str, Any], repo_id: str, plan: Mapping[str, Any], bui
     elif isinstance(held, Mapping):
         holdout_text = "The width was not checked on held-out data (the build had none)."
     certificate_text = _certificate_text(meta.get("certificate"), meta.get("certificate_kind"))
+    evaluation_text = _evaluation_text(meta.get("evaluation"))
     summary = meta.get("scales_summary") if built else None
     rows = []
     if isinstance(summary, Mapping):
@@ -220,9 +221,24 @@ def _context(meta: Mapping[str, Any], repo_id: str, plan: Mapping[str, Any], bui
         "bound_text": bound_text,
         "holdout_text": holdout_text,
         "certificate_text": certificate_text,
+        "evaluation_text": evaluation_text,
         "build_command": build_command or f"zoo build {timm_name} --data /path/to/imagenet --out OUT_DIR "
                                           f"--fisher {fisher}",
     }
+
+
+def _evaluation_text(ev: Any) -> str:
+    """Held-out figures and the reliability diagram (meta["evaluation"], written by zoo.report), or empty."""
+    if not isinstance(ev, Mapping) or ev.get("accuracy") is None:
+        return ""
+    names = (("accuracy", "accuracy"), ("nll", "NLL (nats)"), ("ece", "ECE"), ("brier", "Brier"),
+             ("ood_auroc_entropy", "OOD AUROC (entropy)"), ("ood_auroc_mi", "OOD AUROC (mutual information)"))
+    rows = "\n".join(f"| {label} | {_fmt(float(ev[key]))} |" for key, label in names if ev.get(key) is not None)
+    text = (f"On {ev.get('n')} held-out examples of {ev.get('dataset', 'the task')} ({ev.get('mode')} predictive, "
+            f"{ev.get('samples')} samples), none of them used in fitting:\n\n| metric | value |\n|---|---|\n{rows}")
+    if ev.get("reliability"):
+        text += "\n\n![reliability diagram: accuracy against confidence per bin](reliability.png)"
+    return text
 
 
 def _certificate_text(cert: Any, how: Any) -> str:

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from zoo import metrics
 from zoo.loading import load
-from zoo.report import Outputs, write_report
+from zoo.report import Outputs, evaluation_record, write_report
 from zoo.tuning import finetune
 
 RESOLUTION = 32
@@ -134,6 +134,9 @@ def run_transfer(prior_dir: Path, out: Path, ood: list[tuple[str, Image.Image]],
     print(f"   held-out digits: mean total {float(predict.entropy.mean()):.3f}, mean epistemic {mi_in:.4f} nats")
 
     posterior.meta["classes"] = [str(k) for k in range(10)]
+    posterior.meta["evaluation"] = evaluation_record(Outputs.of(predict), y_test, dataset="sklearn digits (32 px)",
+                                                     mode=predict.mode, samples=plan.samples,
+                                                     ood=Outputs.of(ood_pred))
     report = write_report(out / "report", Outputs.of(predict), y_test, ood=Outputs.of(ood_pred),
                           class_names=posterior.meta["classes"], title="prior-zoo demo: efficientnet_lite0 on digits",
                           facts={"model": "efficientnet_lite0 (ImageNet) → sklearn digits, 32 px", "train": len(tr),

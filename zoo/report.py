@@ -87,14 +87,13 @@ def compute_metrics(ind: Outputs, labels: Tensor, ood: Outputs | None = None) ->
     return out
 
 
-def _figures(out: Path, ind: Outputs, ood: Outputs | None, result: Mapping[str, Any],
-             class_names: Sequence[str]) -> None:
+def reliability_figure(bins: Sequence[Mapping[str, Any]], ece: float, n: int, path: Path) -> Path:
+    """The reliability diagram of `reliability_bins` output, as a PNG (reports and model cards share it)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    bins = result["reliability"]
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     width = 1.0 / len(bins)
     centres = [(b["low"] + b["high"]) / 2 for b in bins]
@@ -108,11 +107,31 @@ def _figures(out: Path, ind: Outputs, ood: Outputs | None, result: Mapping[str, 
     ax.set_ylim(0, 1)
     ax.set_xlabel("confidence (top-1 probability)")
     ax.set_ylabel("accuracy")
-    ax.set_title(f"reliability: ECE {result['ece']:.3f}, {result['n']} images")
+    ax.set_title(f"reliability: ECE {ece:.3f}, {n} images")
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "reliability.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+    return path
+
+
+def evaluation_record(ind: Outputs, labels: Tensor, *, dataset: str, mode: str, samples: int,
+                      ood: Outputs | None = None) -> dict[str, Any]:
+    """Held-out figures for a model card (meta["evaluation"]): scalars and the reliability bins it draws."""
+    result = compute_metrics(ind, torch.as_tensor(labels).long().cpu(), ood)
+    keep = ("accuracy", "nll", "ece", "brier", "ood_auroc_entropy", "ood_auroc_mi")
+    return {"dataset": dataset, "n": result["n"], "mode": mode, "samples": samples,
+            **{k: result[k] for k in keep if result.get(k) is not None}, "reliability": result["reliability"]}
+
+
+def _figures(out: Path, ind: Outputs, ood: Outputs | None, result: Mapping[str, Any],
+             class_names: Sequence[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    reliability_figure(result["reliability"], result["ece"], result["n"], out / "reliability.png")
 
     for name, key, label in (("entropy.png", "entropy", "predictive entropy H[p̄] (nats)"),
                              ("mutual_information.png", "mutual_information", "mutual information (nats)")):
