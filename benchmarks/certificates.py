@@ -171,7 +171,7 @@ def curve(prior_dir: Path, seeds: list[int], out: Path) -> dict[str, dict[int, l
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--seeds", type=int, default=5, help="seeds of the table (0: no table)")
     parser.add_argument("--validity", type=int, default=0, help="extra seeds of the learned-prior Catoni row")
     parser.add_argument("--curve", action="store_true", help="certificate against n, saved as a PNG")
     parser.add_argument("--curve-seeds", type=int, default=3, help="seeds per point of the curve")
@@ -196,9 +196,10 @@ def main() -> None:
             results[row].append(r)
             print(f"seed {seed} {row}: " + ", ".join(f"{c} {r[c]:.3f}" for c in COLUMNS if r[c] is not None)
                   + f" (n {r['n']}, width {r['width']}, κ {r['kappa']}, prior κ {r.get('prior_kappa')})", flush=True)
-    print(f"\ndigits 0–4 → 5–9, n = {results[args.rows[0]][0]['n'] if args.seeds else '?'} training images, "
-          f"{args.seeds} seeds (mean ± std), δ = 0.05, {CERT_SAMPLES} certificate draws:\n")
-    print(table(results))
+    if args.seeds and args.rows:
+        print(f"\ndigits 0–4 → 5–9, n = {results[args.rows[0]][0]['n']} training images, "
+              f"{args.seeds} seeds (mean ± std), δ = 0.05, {CERT_SAMPLES} certificate draws:\n")
+        print(table(results))
     record: dict[str, Any] = {"table": results}
     if args.validity:
         violations, rows = 0, []
