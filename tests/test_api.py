@@ -358,3 +358,13 @@ def test_settings_from_environment() -> None:
         Settings(mode="bogus")
     with pytest.raises(ConfigError, match="ZOO_MAX_FILES"):
         Settings.from_env({"ZOO_MAX_FILES": "many"})
+
+
+def test_labels_fall_back_to_the_classes_zoo_finetune_records() -> None:
+    """A posterior from `zoo finetune` or the demo names its classes in meta["classes"], not in config.json."""
+    from api.models import recorded_classes
+
+    assert recorded_classes({"classes": ["zero", "one"]}, 2) == ["zero", "one"]
+    assert recorded_classes({"classes": ["zero"]}, 2) is None  # one name per class, or none at all
+    assert recorded_classes({"classes": [0, 1]}, 2) is None
+    assert recorded_classes({}, 2) is None
