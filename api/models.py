@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from api.errors import NotFound, Unprocessable
 from api.settings import Settings
 from zoo.errors import ConfigError
+from zoo.loading import one_name_per_class
 from zoo.prior import Prior
 
 log = logging.getLogger("api")
@@ -155,8 +156,8 @@ def repository_labels(root: Path | None, num_classes: int) -> list[str] | None:
             config = json.loads((root / "config.json").read_text())
         except (OSError, json.JSONDecodeError):
             config = {}
-        names = config.get("label_names")
-        if isinstance(names, list) and len(names) == num_classes and all(isinstance(n, str) for n in names):
+        names = one_name_per_class(config.get("label_names"), num_classes)
+        if names is not None:
             descriptions = config.get("label_descriptions")
             if isinstance(descriptions, dict):
                 return [str(descriptions.get(n, n)) for n in names]
@@ -166,14 +167,6 @@ def repository_labels(root: Path | None, num_classes: int) -> list[str] | None:
 
         info = ImageNetInfo()
         return [info.index_to_description(i) for i in range(IMAGENET_CLASSES)]
-    return None
-
-
-def recorded_classes(meta: dict[str, Any], num_classes: int) -> list[str] | None:
-    """The class names `zoo finetune` records in the metadata (meta["classes"]), when there is one per class."""
-    names = meta.get("classes")
-    if isinstance(names, list) and len(names) == num_classes and all(isinstance(n, str) for n in names):
-        return names
     return None
 
 
@@ -192,7 +185,8 @@ def load_model(ref: str, settings: Settings) -> ServedModel:
     config = resolve_data_config(model=model)
     served = ServedModel(
         name=model_name(ref), source=ref, model=model, gaussian=prior,
-        labels=repository_labels(root, int(model.num_classes)) or recorded_classes(prior.meta, int(model.num_classes)),
+        labels=(repository_labels(root, int(model.num_classes))
+                or one_name_per_class(prior.meta.get("classes"), int(model.num_classes))),
         transform=create_transform(**config),
         input_size=tuple(int(v) for v in config["input_size"]),  # type: ignore[arg-type]
         mode=settings.mode, samples=settings.samples, seed=settings.seed, cache_size=settings.predictor_cache,

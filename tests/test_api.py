@@ -362,9 +362,9 @@ def test_settings_from_environment() -> None:
 
 def test_labels_fall_back_to_the_classes_zoo_finetune_records() -> None:
     """A posterior from `zoo finetune` or the demo names its classes in meta["classes"], not in config.json."""
-    from api.models import recorded_classes
+    from zoo.loading import one_name_per_class
 
-    assert recorded_classes({"classes": ["zero", "one"]}, 2) == ["zero", "one"]
-    assert recorded_classes({"classes": ["zero"]}, 2) is None  # one name per class, or none at all
-    assert recorded_classes({"classes": [0, 1]}, 2) is None
-    assert recorded_classes({}, 2) is None
+    assert one_name_per_class({"classes": ["zero", "one"]}.get("classes"), 2) == ["zero", "one"]
+    assert one_name_per_class({"classes": ["zero"]}.get("classes"), 2) is None  # one name per class, or none
+    assert one_name_per_class({"classes": [0, 1]}.get("classes"), 2) is None
+    assert one_name_per_class({}.get("classes"), 2) is None

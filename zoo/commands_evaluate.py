@@ -49,15 +49,13 @@ def _class_index(data_classes: list[str], model_classes: list[str] | None, num_c
 def _label_names(ref: str, num_classes: int) -> list[str] | None:
     """timm's config.json `label_names` of the repository, when it ships one per class."""
     from zoo.hub import download
+    from zoo.loading import one_name_per_class
 
     try:
         config = json.loads((Path(download(ref)) / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    names = config.get("label_names")
-    if isinstance(names, list) and len(names) == num_classes and all(isinstance(n, str) for n in names):
-        return names
-    return None
+    return one_name_per_class(config.get("label_names"), num_classes)
 
 
 def ood_images(root: str, transform: Any) -> Any:
@@ -122,7 +120,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     transform = timm.data.create_transform(**config, is_training=False)
     data = image_folder(args.data, transform, None, args.seed)
     num_classes = int(getattr(model, "num_classes", 0) or 0)
-    names = prior.meta.get("classes") or _label_names(args.ref, num_classes)
+    from zoo.loading import one_name_per_class
+
+    names = one_name_per_class(prior.meta.get("classes"), num_classes) or _label_names(args.ref, num_classes)
     index = _class_index(list(data.classes), names, num_classes)
     data.target_transform = lambda t: index[t]
     loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, shuffle=False)

@@ -118,9 +118,10 @@ def run_transfer(prior_dir: Path, out: Path, ood: list[tuple[str, Image.Image]],
     ood_pred = posterior.predict(ood_x, samples=plan.samples, mode=plan.mode,
                                  generator=torch.Generator().manual_seed(seed + 3))
     t_pred = time.perf_counter() - t0
+    evaluation = evaluation_record(Outputs.of(predict), y_test, dataset="sklearn digits (32 px)", mode=predict.mode,
+                                   samples=plan.samples, ood=Outputs.of(ood_pred))
     figures = {
-        "posterior": {"accuracy": metrics.accuracy(predict.probs, y_test), "nll": metrics.nll(predict.probs, y_test),
-                      "ece": metrics.ece(predict.probs, y_test)},
+        "posterior": {k: evaluation[k] for k in ("accuracy", "nll", "ece")},
         "network": {"accuracy": metrics.accuracy(network, y_test), "nll": metrics.nll(network, y_test),
                     "ece": metrics.ece(network, y_test)},
     }
@@ -134,9 +135,7 @@ def run_transfer(prior_dir: Path, out: Path, ood: list[tuple[str, Image.Image]],
     print(f"   held-out digits: mean total {float(predict.entropy.mean()):.3f}, mean epistemic {mi_in:.4f} nats")
 
     posterior.meta["classes"] = [str(k) for k in range(10)]
-    posterior.meta["evaluation"] = evaluation_record(Outputs.of(predict), y_test, dataset="sklearn digits (32 px)",
-                                                     mode=predict.mode, samples=plan.samples,
-                                                     ood=Outputs.of(ood_pred))
+    posterior.meta["evaluation"] = evaluation
     report = write_report(out / "report", Outputs.of(predict), y_test, ood=Outputs.of(ood_pred),
                           class_names=posterior.meta["classes"], title="prior-zoo demo: efficientnet_lite0 on digits",
                           facts={"model": "efficientnet_lite0 (ImageNet) → sklearn digits, 32 px", "train": len(tr),

@@ -17,6 +17,14 @@ from zoo.layers import IsoLayer, Layer, LazyLayers
 from zoo.prior import Prior
 
 
+def one_name_per_class(names: Any, num_classes: int) -> list[str] | None:
+    """`names` when it is a list of exactly one string per class, else None: class names read from a repository
+    (config.json `label_names`, or the `classes` that zoo finetune records in the metadata) are used only then."""
+    if isinstance(names, list) and len(names) == num_classes and all(isinstance(n, str) for n in names):
+        return names
+    return None
+
+
 def load(
     ref: str | os.PathLike[str],
     num_classes: int | None = None,
