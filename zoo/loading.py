@@ -65,6 +65,8 @@ def create_model(root: os.PathLike[str], config: dict[str, Any]) -> nn.Module:
     except (OSError, json.JSONDecodeError) as err:
         raise ArtifactError(f"cannot read {path} ({err}); pull the repository again") from err
     arch = timm_config.get("architecture") or config.get("architecture")
+    if arch == "zoo_progressive":
+        import zoo.progressive  # noqa: F401  (registers the progressive-network architecture with timm)
     if arch not in timm.list_models():
         raise ArtifactError(f"architecture {arch!r} is not known to timm {timm.__version__}; upgrade timm")
     kwargs = dict(timm_config.get("model_args") or {})
