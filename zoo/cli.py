@@ -1,4 +1,5 @@
-"""The `zoo` command: one entry point, one sub-command per verb (build, push, pull, finetune, certify, serve, demo)."""
+"""The `zoo` command: one entry point, one sub-command per verb (build, push, pull, finetune, certify, evaluate,
+continual, serve, demo)."""
 
 from __future__ import annotations
 
@@ -106,8 +107,14 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     add_commands(sub)
 
 
+def _add_continual(sub: argparse._SubParsersAction) -> None:
+    from zoo.commands_continual import add_commands
+
+    add_commands(sub)
+
+
 _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_demo, _add_push, _add_pull, _add_finetune_and_certify, _add_evaluate,
+    _add_demo, _add_push, _add_pull, _add_finetune_and_certify, _add_evaluate, _add_continual,
 ]
 
 ENTRY_POINT_GROUP = "prior_zoo.commands"
