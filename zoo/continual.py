@@ -69,7 +69,7 @@ class TaskRecord:
     posterior_error: dict[str, float]  # the saved Q's decomposition against Q with the exact history
     kl_error: float | None  # Σ over small layers of KL(N(0, Λ_t⁻¹) ‖ N(0, exact⁻¹)), nats; None without any
     kron_terms: int  # the most Kronecker terms any layer of the saved posterior holds
-    prior_strength: float  # κ₀ applied to the prior after this task (the first task's choice; 1 afterwards)
+    prior_strength: float  # κ₀ on the learned prior (task 1's record; 1 in later tasks' records)
     path: str | None = None
     artifact_bytes: int | None = None
 
@@ -149,8 +149,7 @@ def learn_chain(
     exactly representable terms; each task's posterior lives in its prior's basis. With `out`, task t's posterior
     is saved as the repository out/task-<t> (1-based), which `zoo.load` reads and `zoo serve` serves. Each new
     head gets N(0, λ⁻¹I), λ = `head_lambda` or the prior's. `generator` seeds the heads' initialisation and every
-    fine-tune. Other keyword arguments go
-    to `zoo.finetune` (defaults: CHAIN_FINETUNE).
+    fine-tune. Other keyword arguments go to `zoo.finetune` (defaults: CHAIN_FINETUNE).
 
     `prior_strength` is κ₀ in Λ_0 = κ₀·P, fixed in advance: 1 (default) is the learned prior as built, its width
     checked upstream; "evidence" lets the first task's Laplace evidence choose it (`strength="marglik"` for that
@@ -209,8 +208,9 @@ def learn_chain(
             saved_meta["classes"] = list(task.classes)
         kron_terms = max((len(layer.precision.terms) for layer in layers.values() if isinstance(layer, KronLayer)),
                          default=0)
-        record = TaskRecord(task=t + 1, name=task.name, seconds=seconds, kron_terms=kron_terms, prior_strength=kappa,
-                            **errors)
+        kappa0 = (kappa if evidence else float(prior_strength)) if t == 0 else 1.0
+        record = TaskRecord(task=t + 1, name=task.name, seconds=seconds, kron_terms=kron_terms,
+                            prior_strength=kappa0, **errors)
         saved_meta["continual"] = {
             "method": "chain", "task": t + 1, "tasks": [x.name for x in tasks[: t + 1]],
             "approximation": approximation, "record": record.to_dict(), "note": CHAIN_NOTE,
