@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from zoo.errors import ConfigError, ModelError, NumericalError
 from zoo.kron import KronPrecision
 from zoo.kron.approx import APPROXIMATIONS
-from zoo.kron.chain import add_term, dense_kl, relative_error, without_cached_eigh
+from zoo.kron.chain import add_term, dense_kl, leading_term, relative_error, without_cached_eigh
 from zoo.layers import DiagLayer, IsoLayer, KronLayer, Layer
 from zoo.loading import replace_head
 from zoo.posterior import Posterior
@@ -254,8 +254,7 @@ def _next_prior(
         old = carried[name]
         if isinstance(layer, KronLayer) and isinstance(old, KronLayer):
             q = layer.precision
-            a, g = q.A[0], q.G[0]  # zoo.finetune keeps F_t, unscaled, as the first term (zoo.kron.extend)
-            term = KronPrecision([(a, g)], check_psd=False, rtol=q._rtol)  # checked when Q was built
+            term = leading_term(q)  # F_t: zoo.finetune keeps it, unscaled, as Q's first term (zoo.kron.extend)
             keep, full = add_term(_times(old.precision, kappa), term, approximation=approximation,
                                   exact=_times(exact[name], kappa))
             new_carried[name] = KronLayer(keep, old.params)

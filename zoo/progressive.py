@@ -185,7 +185,8 @@ def learn_progressive(
                                    pretrained_cfg=cfg)
         if net is not None:
             missing = grown.load_state_dict(net.state_dict(), strict=False).missing_keys
-            assert all(k.startswith((f"columns.{t}.", f"heads.{t}.")) for k in missing), missing
+            if any(not k.startswith((f"columns.{t}.", f"heads.{t}.")) for k in missing):
+                raise ModelError(f"growing the network lost earlier weights ({missing[:3]}); report this")
         grown.columns[t].load_state_dict(body_state, strict=True)
         grown.eval()
         net = grown
@@ -209,7 +210,8 @@ def learn_progressive(
             record.artifact_bytes = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
         posteriors.append(post)
         records.append(record)
-    assert net is not None
+    if net is None:  # unreachable: tasks was checked to be non-empty
+        raise ConfigError("a progressive network needs at least one task")
     return ProgressiveResult(net, posteriors, records)
 
 

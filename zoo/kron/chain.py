@@ -24,7 +24,7 @@ from zoo.kron.approx import gram, nearest_kronecker
 from zoo.kron.decomposition import frobenius_inner_terms, frobenius_norm_sq
 from zoo.kron.precision import Approximation, KronPrecision
 
-__all__ = ["add_term", "dense_kl", "fold", "relative_error", "without_cached_eigh"]
+__all__ = ["add_term", "dense_kl", "fold", "leading_term", "relative_error", "without_cached_eigh"]
 
 
 def fold(p: KronPrecision) -> KronPrecision:
@@ -36,6 +36,12 @@ def fold(p: KronPrecision) -> KronPrecision:
         return p
     a_hat, g_hat = nearest_kronecker(p.A, p.G, p.scales)
     return KronPrecision([(a_hat, g_hat)], [1.0], p.damping, approximation=p.approximation, rtol=p._rtol)
+
+
+def leading_term(p: KronPrecision) -> KronPrecision:
+    """p's first term alone, scale 1, with p's tolerance (its factors were checked when p was built)."""
+    a, g = p.terms[0]
+    return KronPrecision([(a, g)], check_psd=False, rtol=p._rtol)
 
 
 def add_term(prior: KronPrecision, term: KronPrecision, *, approximation: Approximation | None = None,
