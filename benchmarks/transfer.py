@@ -8,9 +8,11 @@ Every fine-tune starts from the same pretrained weights and the same new-head in
 for EPOCHS epochs at LR over the same batches, with the network in eval mode (BatchNorm keeps its upstream
 statistics, as zoo.finetune does). Rows:
 
-- MAP L2-SP: cross-entropy + (wd/2)·‖θ − θ*‖² on pretrained parameters + (wd/2)·‖θ_head‖², softmax predictive.
-  wd is picked from WD_GRID by the lowest *test* NLL, so the row is an upper bound on a tuned MAP (1 shot per
-  class leaves nothing to validate on).
+- MAP L2-SP: cross-entropy + (wd/2)·‖θ − θ*‖² on pretrained parameters + (wd/2)·‖θ_head‖², softmax predictive,
+  in two rows. The fair one picks wd from WD_GRID by 5-fold cross-validated NLL on the training shots (stratified;
+  at 1 shot per class each fold holds one image out), what a user can do; its fit time includes the 20 fold fits.
+  The other picks wd by the lowest *test* NLL: an oracle, an upper bound on any tuned MAP (and, picking the best
+  of four noisy fine-tunes on the test set, optimistically biased). The targets are checked against both.
 - isotropic-prior posterior: zoo.finetune against zoo.tuning.isotropic_prior(prior), default predictive.
 - learned-prior posterior: zoo.finetune against the learned prior, one row per zoo.predictive mode (the default
   is marked); catoni in all modes, mcallester in the default mode.
@@ -63,13 +65,15 @@ except ImportError:  # the predictive modes are not there yet: one default row
     predictive = None  # type: ignore[assignment]
 
 EPOCHS = 30
-LR = 1e-2
+LR = 3e-3  # zoo.finetune's default; 1e-2 is chaotic here (0.27–0.91 accuracy over head initialisations)
 SAMPLES = 32
 WD_GRID = (1e-2, 1e-1, 1.0, 10.0)
 METRICS = ("accuracy", "nll", "ece", "brier", "ood_auroc_entropy", "ood_auroc_mi", "fit_s", "predict_s")
 HEADERS = ("acc", "NLL", "ECE", "Brier", "AUROC-H", "AUROC-MI", "fit s", "pred s")
 
 MAP_ROW = "MAP L2-SP (wd best on test: upper bound)"
+MAP_CV_ROW = "MAP L2-SP (wd by cross-validation on the shots)"
+CV_FOLDS = 5
 LL_ROW = "laplace-torch last-layer KFAC (marglik, GLM probit)"
 ALL_ROW = "laplace-torch all-weights KFAC (norms frozen, marglik)"
 
@@ -144,10 +148,38 @@ def measure(probs: Tensor, y: Tensor, ood_probs: Tensor, *, log_probs: Tensor | 
                            ood_mutual_information=ood_mi)
 
 
+def cv_folds(y: Tensor, k: int, seed: int) -> Tensor:
+    """A fold index per example, stratified: each class's examples dealt round-robin over k folds in a seeded order."""
+    fold = torch.empty_like(y)
+    gen = torch.Generator().manual_seed(seed)
+    for c in y.unique():
+        idx = (y == c).nonzero().flatten()
+        idx = idx[torch.randperm(idx.numel(), generator=gen)]
+        fold[idx] = torch.arange(idx.numel()) % k
+    return fold
+
+
+def cv_nll(up: Upstream, train: Batches, seed: int, wd: float, epochs: int) -> float:
+    """Mean held-out NLL of k-fold L2-SP fine-tunes on the training shots alone (what a user can tune on)."""
+    x = torch.cat([b[0] for b in train])
+    y = torch.cat([b[1] for b in train])
+    fold = cv_folds(y, min(CV_FOLDS, x.shape[0]), seed)
+    total = 0.0
+    for f in fold.unique():
+        inside = fold != f
+        model, _ = fresh(up, seed)
+        train_map(model, [(x[inside][i:i + 64], y[inside][i:i + 64]) for i in range(0, int(inside.sum()), 64)],
+                  wd, epochs)
+        _, log_p = softmax_predict(model, x[~inside])
+        total += -log_p.gather(1, y[~inside, None]).sum().item()
+    return total / x.shape[0]
+
+
 def run_map(up: Upstream, train: Batches, x: Tensor, y: Tensor, seed: int,
-            epochs: int) -> tuple[nn.Module, dict[str, Any]]:
-    """Every wd of the grid; keep the one with the lowest test NLL (an upper bound, labelled as such)."""
-    best: tuple[float, nn.Module, dict[str, Any]] | None = None
+            epochs: int) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+    """Every wd of the grid on all the shots: the oracle keeps the lowest test NLL (an upper bound, labelled as
+    such); the fair row keeps the lowest k-fold cross-validated NLL on the shots, and pays for the folds' fits."""
+    fits: list[tuple[float, nn.Module, dict[str, Any]]] = []
     for wd in WD_GRID:
         model, _ = fresh(up, seed)
         seconds = train_map(model, train, wd, epochs)
@@ -156,10 +188,15 @@ def run_map(up: Upstream, train: Batches, x: Tensor, y: Tensor, seed: int,
         ood_probs, _ = softmax_predict(model, up.ood_images)
         result = measure(probs, y, ood_probs, log_probs=log_p)
         result.update(fit_s=seconds, predict_s=time.perf_counter() - t0, note=f"wd={wd:g}")
-        if best is None or result["nll"] < best[0]:
-            best = (result["nll"], model, result)
-    assert best is not None
-    return best[1], best[2]
+        fits.append((wd, model, result))
+    oracle = min(fits, key=lambda f: f[2]["nll"])
+    t0 = time.perf_counter()
+    scores = [cv_nll(up, train, seed, wd, epochs) for wd in WD_GRID]
+    cv_seconds = time.perf_counter() - t0
+    chosen = fits[min(range(len(WD_GRID)), key=scores.__getitem__)]
+    fair = dict(chosen[2], fit_s=chosen[2]["fit_s"] + cv_seconds,
+                note=f"wd={chosen[0]:g} ({CV_FOLDS}-fold CV NLL; folds' fits counted in fit s)")
+    return oracle[1], oracle[2], fair
 
 
 def run_ours(up: Upstream, train: Batches, x: Tensor, y: Tensor, seed: int, epochs: int, objective: str,
@@ -315,7 +352,7 @@ def run_seed(up: Upstream, shots: int, seed: int, epochs: int, lp: Any,
 
     mapped = attempt(MAP_ROW, lambda: run_map(up, train, x, y, seed, epochs))
     if mapped is not None:
-        rows[MAP_ROW] = mapped[1]
+        rows[MAP_ROW], rows[MAP_CV_ROW] = mapped[1], mapped[2]
     iso = attempt(ours_row("catoni", default, default, isotropic=True),
                   lambda: run_ours(up, train, x, y, seed, epochs, "catoni", [default], default, isotropic=True))
     rows.update(iso or {})
@@ -376,21 +413,23 @@ def print_table(network: str, shots: int, table: dict[str, dict[str, Any]], seed
 
 
 def targets(network: str, shots: int, table: dict[str, dict[str, Any]], default: str | None) -> list[dict]:
-    """The learned-prior default row against MAP (and laplace-torch last-layer for OOD), on seed means."""
+    """The learned-prior default row against each MAP row (the fair CV one and the test-tuned upper bound) and
+    laplace-torch last-layer for OOD, on seed means."""
     ours = table.get(ours_row("catoni", default, default), {}).get("mean", {})
-    base = table.get(MAP_ROW, {}).get("mean", {})
     ll = table.get(LL_ROW, {}).get("mean", {})
-    checks: list[tuple[str, str, str, Callable[[float, float], bool], dict]] = [
-        ("accuracy ≥ MAP − 1 point", "accuracy", "accuracy", lambda a, b: a >= b - 0.01, base),
-        ("NLL < MAP", "nll", "nll", lambda a, b: a < b, base),
-        ("ECE ≤ MAP", "ece", "ece", lambda a, b: a <= b, base),
-        ("OOD AUROC (entropy) > MAP", "ood_auroc_entropy", "ood_auroc_entropy", lambda a, b: a > b, base),
-        ("OOD AUROC (entropy) > laplace last-layer", "ood_auroc_entropy", "ood_auroc_entropy",
-         lambda a, b: a > b, ll),
-    ]
+    checks: list[tuple[str, str, Callable[[float, float], bool], dict]] = []
+    for tag, row in (("MAP-CV", MAP_CV_ROW), ("MAP-oracle", MAP_ROW)):
+        base = table.get(row, {}).get("mean", {})
+        checks += [
+            (f"accuracy ≥ {tag} − 1 point", "accuracy", lambda a, b: a >= b - 0.01, base),
+            (f"NLL < {tag}", "nll", lambda a, b: a < b, base),
+            (f"ECE ≤ {tag}", "ece", lambda a, b: a <= b, base),
+            (f"OOD AUROC (entropy) > {tag}", "ood_auroc_entropy", lambda a, b: a > b, base),
+        ]
+    checks.append(("OOD AUROC (entropy) > laplace last-layer", "ood_auroc_entropy", lambda a, b: a > b, ll))
     out = []
-    for name, ours_key, base_key, passes, ref in checks:
-        a, b = ours.get(ours_key), ref.get(base_key)
+    for name, key, passes, ref in checks:
+        a, b = ours.get(key), ref.get(key)
         verdict = "n/a" if a is None or b is None else ("PASS" if passes(a, b) else "FAIL")
         out.append({"network": network, "shots": shots, "target": name, "ours": a, "baseline": b,
                     "verdict": verdict})

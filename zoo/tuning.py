@@ -87,7 +87,7 @@ def finetune(
     objective: str = "catoni",
     *,
     epochs: int = 30,
-    lr: float = 1e-2,
+    lr: float = 3e-3,
     val_loader: Iterable[Any] | None = None,
     patience: int = 5,
     delta: float = 0.05,
@@ -106,15 +106,17 @@ def finetune(
     """Fine-tune `model` (whose weights start at the prior mean) on `train_loader` and return its Posterior.
 
     `objective` is "catoni", "mcallester" or "map": the bound (or MAP objective) the mean is trained on. Adam
-    with `lr` runs `epochs` epochs; with `val_loader` it stops after `patience` epochs without a lower
-    validation NLL and keeps the best weights. `generator` seeds everything random here (the MC Fisher's labels,
-    any stochastic layers); the loader's shuffling is the loader's own.
+    with `lr` runs `epochs` epochs (default 3e-3: 1e-2 is chaotic on few-shot fine-tunes, the same 100 digits
+    gave 0.27–0.91 held-out accuracy over head initialisations, 0.89–0.96 at 3e-3); with `val_loader` it stops
+    after `patience` epochs without a lower validation NLL and keeps the best weights. `generator` seeds
+    everything random here (the MC Fisher's labels, any stochastic layers); the loader's shuffling is its own.
 
-    `strength="marglik"` (default) serves prediction: the prior enters as κP, one κ for the pretrained body and
+    `strength="marglik"` (default) serves prediction: Q is built against κP, one κ for the pretrained body and
     one for a new head, each chosen on `zoo.marglik.STRENGTH_GRID` by the Laplace evidence of the training data
-    (refreshed during training), and paid for in the certificate by the union bound over the grid. Catoni's c
-    then stays at ln 2, where c·risk_bits + KL/n is the posterior's own NLL + ½κ·quadratic/n: with κ free, c
-    carries no further information. `strength="bound"` keeps the prior as given and re-chooses c by the bound.
+    at the trained mean, and paid for in the certificate by the union bound over the grid. The mean itself is
+    trained against the grid's weakest κP (see STRENGTH_NOTE for the measurement behind this), with Catoni's c
+    at ln 2, where c·risk_bits + KL/n is the NLL + ½κ·quadratic/n. `strength="bound"` keeps the prior as given
+    and re-chooses c by the bound.
 
     `width` picks Q: "laplace" is N(θ̂, (F_new + κP)⁻¹), the Laplace posterior of the evidence-chosen prior;
     "bound" fits α, β, τ per layer on the `fit_objective` Taylor bound and multiplies the curvature by the
@@ -139,7 +141,7 @@ def finetune(
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ConfigError(f"epochs must be a non-negative integer, got {epochs!r}")
     if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
-        raise ConfigError(f"lr must be a positive number, e.g. 1e-2; got {lr!r}")
+        raise ConfigError(f"lr must be a positive number, e.g. 3e-3; got {lr!r}")
     if not (isinstance(delta, int | float) and 0 < delta < 1):
         raise ConfigError(f"delta must lie in (0, 1), e.g. 0.05; got {delta!r}")
     check_architecture(model, prior)
@@ -152,9 +154,8 @@ def finetune(
     approx = (prior.meta.get("curvature") or {}).get("approx", "expand")
     groups = strength_groups(prior)
     marglik = strength == "marglik"
-    kappa = dict.fromkeys(groups.values(), STRENGTH_GRID[0] if marglik else 1.0)  # burn-in with the weakest prior
+    kappa = dict.fromkeys(groups.values(), STRENGTH_GRID[0] if marglik else 1.0)  # the mean: the weakest prior
     strength_record: list[dict[str, Any]] = []
-    refresh = max(1, epochs // 5)  # κ refreshed four times during training, then once at the end
     adapted = adapt_norm_statistics(model, train_loader) if norm_statistics == "adapt" else 0
     model.eval()
     with torch.random.fork_rng(devices=[]):
@@ -168,10 +169,6 @@ def finetune(
         optimizer = torch.optim.Adam(params, lr=lr)
         bar = tqdm(range(epochs), desc=f"fine-tuning ({objective})", unit="epoch", disable=not progress)
         for epoch in bar:
-            if marglik and epoch > 0 and epoch % refresh == 0:
-                kappa, tables = _evidence_strengths(model, prior, train_loader, groups, fisher, approx, gen)
-                active = prior.scaled({name: kappa[g] for name, g in groups.items()})
-                strength_record.append({"epoch": epoch, "kappa": dict(kappa), "evidence": tables})
             nll_sum, count, last_half_quad = 0.0, 0, half_quad
             for x, y in train_loader:
                 x, y = x.to(device), _labels(y, device)
@@ -308,8 +305,11 @@ AUTO_BOUND = 0.5
 BODY_COVARIANCE_FLOOR = 1.0
 """Q's body precision is F_new + max(κ, this)·P: the evidence may weaken the prior for the mean, not widen Q."""
 STRENGTH_NOTE = (
-    "the prior enters as κP with κ per group (pretrained body, new head) chosen on the grid by the Laplace "
-    "evidence of the training data; the certificate is against κP and pays |grid|^groups by the union bound."
+    "Q is built against κP with κ per group (pretrained body, new head) chosen on the grid by the Laplace "
+    "evidence of the training data at the trained mean; the certificate is against κP and pays |grid|^groups by "
+    "the union bound. The mean is trained against the grid's weakest κP: re-choosing κ during training at the "
+    "current weights reinforced itself (a strong new-head κ shrinks the logits, which keeps it strong) and left "
+    "the mean underfit (benchmarks/transfer.py, 5 shots: held-out accuracy 0.65 against 0.86)."
 )
 
 
@@ -320,16 +320,6 @@ def strength_groups(prior: Prior) -> dict[str, str]:
 
 def _name(label: str) -> str:
     return "" if label == "<root>" else label
-
-
-def _evidence_strengths(
-    model: nn.Module, prior: Prior, loader: Iterable[Any], groups: dict[str, str], fisher: str, approx: str,
-    generator: torch.Generator,
-) -> tuple[dict[str, float], dict[str, list[dict[str, float]]]]:
-    """κ per group at the current weights: a K-FAC pass, the spectra against P, the evidence on the grid."""
-    blocks = kfac(model, loader, fisher, approx=approx, generator=generator, progress=False)
-    spectra = posterior_pieces(model, prior, blocks).spectra
-    return choose_strengths(spectra, {sp.name: groups[_name(sp.name)] for sp in spectra})
 
 
 def laplace_layer_logs(spectra: Sequence[LayerSpectrum], temperature: float, alphas: dict[str, float]) -> Tensor:
