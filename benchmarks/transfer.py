@@ -52,7 +52,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from digits_task import CLASSES, downstream
+from digits_task import CLASSES, batches, downstream
 from transfer_task import NETWORKS, Upstream, upstream
 
 import zoo
@@ -159,17 +159,13 @@ def cv_folds(y: Tensor, k: int, seed: int) -> Tensor:
     return fold
 
 
-def cv_nll(up: Upstream, train: Batches, seed: int, wd: float, epochs: int) -> float:
-    """Mean held-out NLL of k-fold L2-SP fine-tunes on the training shots alone (what a user can tune on)."""
-    x = torch.cat([b[0] for b in train])
-    y = torch.cat([b[1] for b in train])
-    fold = cv_folds(y, min(CV_FOLDS, x.shape[0]), seed)
+def cv_nll(up: Upstream, x: Tensor, y: Tensor, fold: Tensor, seed: int, wd: float, epochs: int) -> float:
+    """Mean held-out NLL of k-fold L2-SP fine-tunes on the training shots (x, y) alone (what a user can tune on)."""
     total = 0.0
     for f in fold.unique():
         inside = fold != f
         model, _ = fresh(up, seed)
-        train_map(model, [(x[inside][i:i + 64], y[inside][i:i + 64]) for i in range(0, int(inside.sum()), 64)],
-                  wd, epochs)
+        train_map(model, batches(x[inside], y[inside]), wd, epochs)
         _, log_p = softmax_predict(model, x[~inside])
         total += -log_p.gather(1, y[~inside, None]).sum().item()
     return total / x.shape[0]
@@ -191,7 +187,9 @@ def run_map(up: Upstream, train: Batches, x: Tensor, y: Tensor, seed: int,
         fits.append((wd, model, result))
     oracle = min(fits, key=lambda f: f[2]["nll"])
     t0 = time.perf_counter()
-    scores = [cv_nll(up, train, seed, wd, epochs) for wd in WD_GRID]
+    shots_x, shots_y = torch.cat([b[0] for b in train]), torch.cat([b[1] for b in train])
+    fold = cv_folds(shots_y, min(CV_FOLDS, shots_x.shape[0]), seed)
+    scores = [cv_nll(up, shots_x, shots_y, fold, seed, wd, epochs) for wd in WD_GRID]
     cv_seconds = time.perf_counter() - t0
     chosen = fits[min(range(len(WD_GRID)), key=scores.__getitem__)]
     fair = dict(chosen[2], fit_s=chosen[2]["fit_s"] + cv_seconds,

@@ -33,7 +33,7 @@ from zoo.errors import ConfigError, ModelError, NumericalError
 from zoo.kron import KronPrecision
 from zoo.kron.approx import APPROXIMATIONS
 from zoo.kron.chain import add_term, dense_kl, leading_term, relative_error, without_cached_eigh
-from zoo.layers import DiagLayer, IsoLayer, KronLayer, Layer
+from zoo.layers import DiagLayer, KronLayer, Layer
 from zoo.loading import replace_head
 from zoo.posterior import Posterior
 from zoo.prior import Prior
@@ -121,8 +121,23 @@ def set_head(model: nn.Module, state: Mapping[str, Tensor]) -> None:
             getattr(head, k).copy_(v)
 
 
-def _is_head(name: str, head: str) -> bool:
+def is_head(name: str, head: str) -> bool:
+    """Whether the parameter or module `name` belongs to the classifier `head`."""
     return name == head or name.startswith(head + ".")
+
+
+def head_lambda_of(prior: Prior, head_lambda: float | None) -> float:
+    """The new classifiers' N(0, λ⁻¹I) precision: `head_lambda`, else the prior's reference λ."""
+    lam = float(head_lambda if head_lambda is not None else prior.meta.get("lambda", float("nan")))
+    if not (math.isfinite(lam) and lam > 0):
+        raise ConfigError(f"the new heads' λ must be positive and finite, got {lam} (pass head_lambda=)")
+    return lam
+
+
+def save_task(posterior: Posterior, out: str | Path, task: int) -> tuple[str, int]:
+    """Save task `task`'s (1-based) posterior as the repository out/task-<task>; (its path, its size in bytes)."""
+    path = posterior.save(str(Path(out) / f"task-{task}"))
+    return str(path), sum(f.stat().st_size for f in path.iterdir() if f.is_file())
 
 
 def learn_chain(
@@ -170,9 +185,7 @@ def learn_chain(
         if isinstance(task.num_classes, bool) or not isinstance(task.num_classes, int) or task.num_classes < 2:
             raise ConfigError(f"task {task.name!r}: a classifier needs at least 2 classes, got {task.num_classes!r}")
     head = head_name(model)
-    lam = float(head_lambda if head_lambda is not None else prior.meta.get("lambda", float("nan")))
-    if not (math.isfinite(lam) and lam > 0):
-        raise ConfigError(f"the new heads' λ must be positive and finite, got {lam} (pass head_lambda=)")
+    lam = head_lambda_of(prior, head_lambda)
     options = dict(CHAIN_FINETUNE, **finetune_options)
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     evidence = prior_strength == "evidence"
@@ -180,7 +193,7 @@ def learn_chain(
                              and math.isfinite(prior_strength) and prior_strength > 0):
         raise ConfigError(f"prior_strength must be 'evidence' or a positive number, got {prior_strength!r}")
 
-    carried: dict[str, Layer] = {n: layer for n, layer in prior.layers.items() if not _is_head(n, head)}
+    carried: dict[str, Layer] = {n: layer for n, layer in prior.layers.items() if not is_head(n, head)}
     if not evidence:
         carried = dict(Prior(prior.mean, carried, {}).scaled(dict.fromkeys(carried, float(prior_strength))).layers)
     exact: dict[str, KronPrecision] = {n: layer.precision for n, layer in carried.items()
@@ -217,9 +230,7 @@ def learn_chain(
         }
         saved = Posterior(post.mean, layers, saved_meta, model=model, prior=task_prior)
         if out is not None:
-            path = saved.save(str(Path(out) / f"task-{t + 1}"))
-            record.path = str(path)
-            record.artifact_bytes = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+            record.path, record.artifact_bytes = save_task(saved, out, t + 1)
         posteriors.append(saved)
         heads.append(head_state(model))
         records.append(record)
@@ -227,7 +238,7 @@ def learn_chain(
         if after_task is not None:
             after_task(t, model, heads)
             set_head(model, heads[-1])
-    final = Prior({k: v.detach().clone() for k, v in model.named_parameters() if not _is_head(k, head)},
+    final = Prior({k: v.detach().clone() for k, v in model.named_parameters() if not is_head(k, head)},
                   carried, meta, model=model)
     return ChainResult(model, posteriors, heads, records, final)
 
@@ -248,7 +259,7 @@ def _next_prior(
     prior_errors, post_errors, kls = [], [], []
     all_exact = True
     for name, layer in post.layers.items():
-        if _is_head(name, head):
+        if is_head(name, head):
             layers[name] = layer
             continue
         old = carried[name]
@@ -314,8 +325,9 @@ def _diag_factors(post: Posterior) -> dict[str, tuple[float, float]]:
     strength = meta.get("strength") or {}
     kappas = strength.get("kappa") if strength.get("method") == "marglik" else None
     sharpen = float((meta.get("sharpen") or {}).get("chosen") or 1.0)
-    groups = {name: ("head" if isinstance(layer, IsoLayer) else "body")
-              for name, layer in (post.prior.layers.items() if post.prior is not None else ())}
+    from zoo.tuning import strength_groups
+
+    groups = strength_groups(post.prior) if post.prior is not None else {}
     out = {}
     for label, s in (meta.get("scales") or {}).items():
         name = "" if label == "<root>" else label

@@ -149,7 +149,7 @@ def learn_progressive(
     With `out`, the network after task t is saved as out/task-<t>. Other keyword arguments go to zoo.finetune
     (defaults: zoo.continual.CHAIN_FINETUNE, for a like-for-like comparison with the chain).
     """
-    from zoo.continual import CHAIN_FINETUNE, Task, head_name
+    from zoo.continual import CHAIN_FINETUNE, Task, head_lambda_of, head_name, is_head, save_task
     from zoo.tuning import finetune
 
     tasks = list(tasks)
@@ -161,17 +161,15 @@ def learn_progressive(
     base = str(model.pretrained_cfg.get("architecture") or "")
     if base not in timm.list_models():
         raise ModelError(f"the prior's architecture {base!r} is not a timm model; a column must be one")
-    lam = float(head_lambda if head_lambda is not None else prior.meta.get("lambda", float("nan")))
-    if not lam > 0:
-        raise ConfigError(f"the classifiers' λ must be positive and finite, got {lam} (pass head_lambda=)")
+    lam = head_lambda_of(prior, head_lambda)
     options = dict(CHAIN_FINETUNE, **finetune_options)
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     cfg = {k: v for k, v in model.pretrained_cfg.items() if k != "state_dict"}
     base_args = {k: v for k, v in dict(getattr(model, "_model_args", {})).items()
                  if k not in ("num_classes", "global_pool", "pretrained_cfg_overlay")}
-    body_state = {k: v for k, v in model.state_dict().items() if not (k == head or k.startswith(head + "."))}
-    body_layers = {n: prior.layers[n] for n in prior.layers if not (n == head or n.startswith(head + "."))}
-    body_mean = {k: v for k, v in prior.mean.items() if not (k == head or k.startswith(head + "."))}
+    body_state = {k: v for k, v in model.state_dict().items() if not is_head(k, head)}
+    body_layers = {n: prior.layers[n] for n in prior.layers if not is_head(n, head)}
+    body_mean = {k: v for k, v in prior.mean.items() if not is_head(k, head)}
 
     net: ProgressiveNet | None = None
     posteriors: list[Posterior] = []
@@ -205,9 +203,7 @@ def learn_progressive(
         if task.classes is not None:
             post.meta["classes"] = list(task.classes)
         if out is not None:
-            path = post.save(str(Path(out) / f"task-{t + 1}"))
-            record.path = str(path)
-            record.artifact_bytes = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+            record.path, record.artifact_bytes = save_task(post, out, t + 1)
         posteriors.append(post)
         records.append(record)
     if net is None:  # unreachable: tasks was checked to be non-empty
