@@ -21,12 +21,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from huggingface_hub import constants
+from huggingface_hub import constants, scan_cache_dir
 from olah_server import OlahServer, free_port, olah  # noqa: F401  (olah is a fixture)
 from safetensors.torch import save_file
 
 from zoo.errors import ArtifactError, ConfigError, HubError, ZooError
 from zoo.hub import DEFAULT_PATTERNS, download, parse_repo_ref, push
+from zoo.hub_cache import populate_cache
 from zoo.hub_mirror import (
     LFS_THRESHOLD_BYTES,
     git,
@@ -221,6 +222,47 @@ def test_offline_with_a_missing_file_says_what_to_do(
     with pytest.raises(HubError, match="incompletely cached and offline mode is on") as info:
         download(f"hf-hub:{REPO}", cache_dir=tmp_path)
     assert f"run `zoo pull {REPO}` once while online" in str(info.value)
+
+
+def test_populated_cache_is_what_the_client_would_have_fetched(
+    endpoint: str, published: Published, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fetched = download(f"hf-hub:{REPO}@dev", cache_dir=tmp_path / "fetched")
+    commit = populate_cache(published.folders["dev"], REPO, cache_dir=tmp_path / "placed", revision="dev")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_ENDPOINT", dead_endpoint())  # proves nothing is contacted
+    placed = download(f"hf-hub:{REPO}@dev", cache_dir=tmp_path / "placed")
+    assert placed.name == commit
+    assert sorted(p.name for p in placed.iterdir()) == sorted(p.name for p in fetched.iterdir())
+    assert_same_files(placed, fetched)
+    # huggingface_hub's own cache scanner reads the layout: one repo, its files, the ref
+    (repo,) = scan_cache_dir(tmp_path / "placed").repos
+    (revision,) = repo.revisions
+    assert (repo.repo_id, revision.commit_hash, set(revision.refs)) == (REPO, commit, {"dev"})
+    assert revision.nb_files == len(list(published.folders["dev"].iterdir()))
+
+
+def test_populating_twice_is_one_snapshot_and_new_files_are_another(tmp_path: Path) -> None:
+    folder = write_artifact(tmp_path / "a", seed=4)
+    first = populate_cache(folder, REPO, cache_dir=tmp_path / "cache")
+    assert populate_cache(folder, REPO, cache_dir=tmp_path / "cache") == first
+    write_artifact(folder, seed=5)
+    second = populate_cache(folder, REPO, cache_dir=tmp_path / "cache")
+    assert second != first
+    path = download(REPO, cache_dir=tmp_path / "cache", local_files_only=True)
+    assert path.name == second
+    assert_same_files(path, folder)
+
+
+def test_populate_cache_refuses_bad_input(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ArtifactError, match="no files"):
+        populate_cache(tmp_path / "empty", REPO, cache_dir=tmp_path)
+    folder = write_artifact(tmp_path / "a", seed=1)
+    with pytest.raises(ConfigError, match="not a valid repository id"):
+        populate_cache(folder, "../escape", cache_dir=tmp_path)
+    with pytest.raises(ConfigError, match="not a valid revision"):
+        populate_cache(folder, REPO, cache_dir=tmp_path, revision="a..b")
 
 
 def test_offline_without_any_cache_says_what_to_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,7 +4,8 @@
    scikit-learn's two sample photos.
 2. `zoo.build_prior`: whole-network K-FAC (MC Fisher) on random crops of those photos, every trainable
    parameter in a block, and per-layer scales α, β, τ fitted by the Catoni bound against N(0, λ⁻¹I).
-3. The hub repository format: saved, then loaded back with `zoo.load` (hashes and shapes verified, lazy).
+3. The hub repository format: saved, placed in a local Hugging Face cache, and loaded back by its repository id
+   with `zoo.load` through huggingface_hub, offline (hashes and shapes verified, lazy).
 4. A last-layer predictive (labelled as such): 32 draws of the classifier from the prior give probabilities,
    total entropy, aleatoric (expected entropy) and epistemic (mutual information) uncertainty for the photos
    and a noise image.
@@ -30,6 +31,7 @@ from PIL import Image
 from timm.data import ImageNetInfo, create_transform, resolve_data_config
 
 from zoo.build import build_prior
+from zoo.hub_cache import populate_cache
 from zoo.loading import load
 from zoo.predictive import DEFAULT_MODE
 from zoo.pretrained import efficientnet_lite0
@@ -41,6 +43,8 @@ PHOTO_LABELS = {"china": 698, "flower": 985}
 """What the two sample photos show, as ImageNet classes (our reading of the photos, not the network's): the
 china photo is a palace, the flower photo a daisy. They label the crops the prior's width is checked on."""
 DEFAULT_NAME = "efficientnet_lite0-smoke-kfac"
+DEMO_REPO = "prior-zoo/" + DEFAULT_NAME
+"""The id the demo loads its prior by, from a local Hugging Face cache (zoo.hub_cache)."""
 """The repository name of the embedded default (what `zoo serve` with no REF serves)."""
 
 
@@ -133,10 +137,13 @@ def run_demo(json_path: str | None = None, seed: int = 0, *, transfer: bool = Tr
         t0 = time.perf_counter()
         path = prior.save(str((out if transfer else Path(tmp)) / DEFAULT_NAME), model=model)
         sizes = {f.name: f.stat().st_size for f in sorted(path.iterdir())}
-        model, prior = load(str(path))
+        hub_cache = (out if transfer else Path(tmp)) / "hf-cache"
+        commit = populate_cache(path, DEMO_REPO, cache_dir=hub_cache)
+        model, prior = load(DEMO_REPO, cache_dir=hub_cache, local_files_only=True)
         t_io = time.perf_counter() - t0
-        print(f"3. saved and loaded back with zoo.load (hashes and shapes verified) in {t_io:.1f} s: "
-              + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in sizes.items()))
+        print(f"3. saved, placed in a local Hugging Face cache ({hub_cache}) as {DEMO_REPO}@{commit[:8]}, and "
+              f"loaded back by id with zoo.load through huggingface_hub, offline (hashes and shapes verified) in "
+              f"{t_io:.1f} s: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in sizes.items()))
 
     noise = torch.rand(1, *x_eval.shape[1:], generator=torch.Generator().manual_seed(seed)) * 2 - 1
     inputs = torch.cat([x_eval, noise])
@@ -159,6 +166,7 @@ def run_demo(json_path: str | None = None, seed: int = 0, *, transfer: bool = Tr
         "model": "efficientnet_lite0 (offline ImageNet weights)", "crops": prior.meta["curvature"]["n"],
         "build_seconds": t_build, "coverage": covered / n_params, "blocks": len(kinds),
         "artifact_bytes": sizes, "save_load_seconds": t_io, "scales_summary": scales,
+        "hub": {"repo_id": DEMO_REPO, "commit": commit, "cache_dir": str(hub_cache)},
         "predictive": rows, "samples": SAMPLES, "holdout": prior.meta["holdout"],
     }
     if transfer:
