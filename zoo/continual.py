@@ -148,7 +148,7 @@ def learn_chain(
     approximation: str = DEFAULT_APPROXIMATION,
     out: str | Path | None = None,
     epochs: int = 30,
-    lr: float = 1e-2,
+    lr: float = 3e-3,
     head_lambda: float | None = None,
     generator: torch.Generator | None = None,
     progress: bool = True,
