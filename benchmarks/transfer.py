@@ -149,13 +149,14 @@ def measure(probs: Tensor, y: Tensor, ood_probs: Tensor, *, log_probs: Tensor | 
 
 
 def cv_folds(y: Tensor, k: int, seed: int) -> Tensor:
-    """A fold index per example, stratified: each class's examples dealt round-robin over k folds in a seeded order."""
-    fold = torch.empty_like(y)
+    """A fold index per example, stratified: the examples, class by class in a seeded order, dealt round-robin over
+    k folds, so every fold gets its share of each class and no fold is empty while there are k examples (at one
+    shot per class each fold holds out one image)."""
     gen = torch.Generator().manual_seed(seed)
-    for c in y.unique():
-        idx = (y == c).nonzero().flatten()
-        idx = idx[torch.randperm(idx.numel(), generator=gen)]
-        fold[idx] = torch.arange(idx.numel()) % k
+    order = torch.cat([idx[torch.randperm(idx.numel(), generator=gen)]
+                       for idx in ((y == c).nonzero().flatten() for c in y.unique())])
+    fold = torch.empty_like(y)
+    fold[order] = torch.arange(y.numel()) % k
     return fold
 
 
