@@ -10,8 +10,6 @@ at no cost in accuracy, on the mean over seeds.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -52,15 +50,6 @@ def l2sp(seed: int, train: Batches, wd: float) -> nn.Module:
 def nll_and_accuracy(probs: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
     probs = probs.double()
     return -probs.gather(1, y[:, None]).log().mean().item(), (probs.argmax(-1) == y).double().mean().item()
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """The fits are chaotic in the last bits: pin the arithmetic to one thread, as measured."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.slow

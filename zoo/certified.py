@@ -30,8 +30,10 @@ from zoo.posterior import Posterior
 from zoo.prior import Prior
 from zoo.tuning import finetune
 
-PRIOR_SCALE_GRID: tuple[float, ...] = (10.0, 100.0, 1000.0)
-"""κ for the re-centred prior κP: a mean fitted on data sits close to the posterior's, so P may be sharpened."""
+PRIOR_SCALE_GRID: tuple[float, ...] = (10.0, 100.0, 1e3, 1e4, 1e5)
+"""κ for the re-centred prior κP: a mean fitted on data sits close to the posterior's, so P may be sharpened. The
+top of the grid makes the prior nearly a point mass at the prefix fit, and the certificate nearly a hold-out bound
+on that network: on 359 certified digits that was the tightest on most seeds (benchmarks/certificates.py)."""
 KIND = "data-dependent prior"
 
 
