@@ -1,0 +1,107 @@
+"""zoo.head_evidence: the new head's evidence against a brute-force Hessian, its MAP re-fit, and the edge rule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from digits_task import CLASSES, downstream, upstream_prior_dir
+from torch import nn
+
+import zoo
+from zoo.head_evidence import ALPHA_GRID, log_evidence, refit, refit_new_heads
+from zoo.layers import IsoLayer
+from zoo.prior import Prior
+
+
+def brute_log_evidence(phi: torch.Tensor, y: torch.Tensor, w: torch.Tensor, alpha: float) -> float:
+    """−loss + ½P log α − ½ log det ∇²loss, the Hessian by autograd on the dense (C·D) vector."""
+    shape = w.shape
+
+    def loss(flat: torch.Tensor) -> torch.Tensor:
+        v = flat.reshape(shape)
+        return F.cross_entropy(phi @ v.T, y, reduction="sum") + 0.5 * alpha * (v * v).sum()
+
+    hess = torch.autograd.functional.hessian(loss, w.reshape(-1))
+    return (-loss(w.reshape(-1)) + 0.5 * w.numel() * math.log(alpha) - 0.5 * torch.linalg.slogdet(hess)[1]).item()
+
+
+@pytest.mark.parametrize("n", [2, 9])  # N·C below and above P = C·D: both forms of the log-determinant
+def test_log_evidence_matches_a_dense_hessian(n: int) -> None:
+    g = torch.Generator().manual_seed(n)
+    phi = torch.cat([torch.randn(n, 3, generator=g, dtype=torch.float64), torch.ones(n, 1, dtype=torch.float64)], 1)
+    y = torch.randint(0, 3, (n,), generator=g)
+    for alpha in (0.1, 3.0):
+        w = refit(phi, y, alpha, torch.zeros(3, 4, dtype=torch.float64))
+        assert log_evidence(phi, y, w, alpha) == pytest.approx(brute_log_evidence(phi, y, w, alpha), abs=1e-8)
+
+
+def test_refit_is_the_map() -> None:
+    g = torch.Generator().manual_seed(0)
+    phi = torch.randn(20, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (20,), generator=g)
+    w = refit(phi, y, 0.5, torch.randn(4, 5, generator=g, dtype=torch.float64)).requires_grad_(True)
+    loss = F.cross_entropy(phi @ w.T, y, reduction="sum") + 0.25 * (w * w).sum()
+    (grad,) = torch.autograd.grad(loss, w)
+    assert grad.abs().max().item() < 1e-5  # of a loss summed over 20 points
+
+
+class Net(nn.Module):
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        self.body = nn.Linear(4, 6)
+        self.head = nn.Linear(6, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.body(x)))
+
+
+def head_prior(net: Net, lam: float) -> Prior:
+    mean = {k: v.detach().clone() for k, v in net.named_parameters()}
+    return Prior(mean, {"head": IsoLayer(lam, ("head.weight", "head.bias"))}, {})
+
+
+def test_separable_data_gets_the_evidence_optimal_head() -> None:
+    torch.manual_seed(0)
+    net = Net(3)
+    centres = torch.randn(3, 4) * 3
+    y = torch.arange(3).repeat(10)
+    x = centres[y] + 0.3 * torch.randn(30, 4)
+    before = net.head.weight.detach().clone()
+    (record,) = refit_new_heads(net, head_prior(net, 1.0), [(x, y)], torch.device("cpu")).values()
+    assert record["refit"] is True and len(record["table"]) == len(ALPHA_GRID)
+    best = max(record["table"], key=lambda r: r["log_evidence"])
+    assert record["alpha"] == best["alpha"]
+    assert not torch.equal(net.head.weight, before)
+    # the new head is the MAP at the chosen α on the body's features
+    with torch.no_grad():
+        phi = torch.cat([torch.tanh(net.body(x)), torch.ones(30, 1)], 1).double()
+    w = torch.cat([net.head.weight, net.head.bias[:, None]], 1).double().detach().requires_grad_(True)
+    loss = F.cross_entropy(phi @ w.T, y, reduction="sum") + 0.5 * record["alpha"] * (w * w).sum()
+    assert torch.autograd.grad(loss, w)[0].abs().max().item() < 1e-4  # float32 weights
+
+
+def test_no_evidence_for_a_head_keeps_the_trained_one() -> None:
+    torch.manual_seed(1)
+    net = Net(3)
+    x, y = torch.randn(3, 4), torch.tensor([0, 1, 2])  # one random point per class: nothing to learn
+    before = [p.detach().clone() for p in net.head.parameters()]
+    (record,) = refit_new_heads(net, head_prior(net, 1.0), [(x, y)], torch.device("cpu")).values()
+    assert record["refit"] is False and "edge" in record["reason"]
+    assert all(torch.equal(p, b) for p, b in zip(net.head.parameters(), before, strict=True))
+
+
+def test_finetune_records_the_refit_of_a_timm_head() -> None:
+    train, _, _ = downstream(5, 0)
+    torch.manual_seed(0)
+    model, prior = zoo.load(upstream_prior_dir(), num_classes=CLASSES, reset_head=True)
+    post = zoo.finetune(model, prior, train, epochs=3, progress=False, generator=torch.Generator().manual_seed(0))
+    record = post.meta["head_refit"]
+    assert record["enabled"] is True and set(record["heads"]) == {model.pretrained_cfg["classifier"]}
+    (head,) = record["heads"].values()
+    assert "table" in head and (head["refit"] or "edge" in head["reason"])
+    off = zoo.finetune(*zoo.load(upstream_prior_dir(), num_classes=CLASSES, reset_head=True), train, epochs=3,
+                       progress=False, refit_head=False, generator=torch.Generator().manual_seed(0))
+    assert off.meta["head_refit"] == {"enabled": False, "heads": {}, "note": record["note"]}

@@ -1,0 +1,148 @@
+"""A new head re-fitted at the prior precision its own Laplace evidence prefers, on the fine-tuned body's features.
+
+Why: zoo.finetune trains the mean against the weakest prior (tuning.STRENGTH_NOTE), so on separable few-shot data a
+new head's weights keep growing: its logits are overconfident, and an evidence evaluated *at* those weights prefers
+a wide head. For a linear last layer the proper type-II choice is cheap and exact: for each α on a grid, the MAP
+head under N(0, α⁻¹I) is a convex re-fit on fixed features, and the evidence's log-determinant is exact through the
+N·C × N·C form (the GGN of a linear softmax layer is its Hessian). The head with the highest evidence replaces the
+trained one. Where the evidence is still rising at the grid's edge (at one shot per class it prefers a head of zero:
+the data give no evidence for any head), the trained head is kept and the record says so.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from zoo.errors import DataError, NumericalError
+from zoo.layers import IsoLayer
+from zoo.prior import Prior
+
+ALPHA_GRID: tuple[float, ...] = tuple(10.0 ** (k / 2) for k in range(-8, 9))
+"""Multipliers of the head's λ: α = λ·m, half-decades from 10⁻⁴ to 10⁴."""
+EXACT_LIMIT = 4000
+"""The exact log-determinant is taken in min(N·C, P) dimensions; above this the trained head is kept."""
+
+
+def head_features(model: nn.Module, names: Iterable[str], loader: Iterable[Any],
+                  device: torch.device) -> tuple[dict[str, Tensor], Tensor]:
+    """The inputs of each named nn.Linear over the loader (float64, a column of ones where it has a bias), and y."""
+    modules = dict(model.named_modules())
+    captured: dict[str, list[Tensor]] = {name: [] for name in names}
+    hooks = [modules[name].register_forward_hook(
+        lambda _m, args, _out, name=name: captured[name].append(args[0].detach().flatten(1).double().cpu()))
+        for name in captured]
+    labels = []
+    try:
+        model.eval()
+        with torch.no_grad():
+            for x, y in loader:
+                model(x.to(device))
+                labels.append(torch.as_tensor(y).long().cpu())
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if not labels:
+        raise DataError("the training loader yielded no batches to re-fit the head on")
+    out = {}
+    for name, parts in captured.items():
+        phi = torch.cat(parts)
+        if modules[name].bias is not None:
+            phi = torch.cat([phi, torch.ones(phi.shape[0], 1, dtype=torch.float64)], 1)
+        out[name] = phi
+    return out, torch.cat(labels)
+
+
+def refit(phi: Tensor, y: Tensor, alpha: float, start: Tensor) -> Tensor:
+    """argmin_W Σ CE(Wφ, y) + ½α‖W‖², from `start` (C × D, float64): strictly convex, so L-BFGS finds it."""
+    w = start.detach().clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([w], lr=1.0, max_iter=500, tolerance_grad=1e-9, tolerance_change=1e-12,
+                            history_size=20, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(phi @ w.T, y, reduction="sum") + 0.5 * alpha * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w.detach()
+
+
+def log_evidence(phi: Tensor, y: Tensor, w: Tensor, alpha: float) -> float:
+    """Laplace log evidence of a linear softmax layer at its MAP w under N(0, α⁻¹I), up to a constant in α.
+
+    log Z = −Σ CE − ½α‖w‖² + ½P log α − ½ log det(H + αI), with H = Σᵢ Λᵢ ⊗ φᵢφᵢᵀ, Λᵢ = diag(pᵢ) − pᵢpᵢᵀ; the
+    log-determinant in the smaller of P and N·C dimensions (det(αI_P + JᵀΛJ) = α^P det(I + ΛJJᵀ/α)).
+    """
+    logits = phi @ w.T
+    p = logits.softmax(-1)
+    n, c = p.shape
+    lam = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]  # (N, C, C)
+    size = w.numel()
+    if size <= n * c:
+        h = torch.einsum("icd,ia,ib->cadb", lam, phi, phi).reshape(size, size)
+        sign, logdet = torch.linalg.slogdet(h + alpha * torch.eye(size, dtype=torch.float64))
+        logdet = logdet - size * math.log(alpha)
+    else:
+        gram = phi @ phi.T  # J Jᵀ = K ⊗ I_C for a linear layer
+        m = (gram[:, None, :, None] * lam[:, :, None, :]).reshape(n * c, n * c) / alpha
+        sign, logdet = torch.linalg.slogdet(torch.eye(n * c, dtype=torch.float64) + m)
+    if sign.item() <= 0 or not torch.isfinite(logdet):
+        raise NumericalError(f"the head's evidence determinant is not positive at α={alpha:g}; check the features "
+                             "for NaN or inf")
+    nll = F.cross_entropy(logits, y, reduction="sum")
+    return (-nll - 0.5 * alpha * (w * w).sum() - 0.5 * logdet).item()
+
+
+def new_heads(model: nn.Module, prior: Prior) -> dict[str, float]:
+    """The new heads' names (an isotropic prior on an nn.Linear) and their λ."""
+    modules = dict(model.named_modules())
+    return {name: layer.lam for name, layer in prior.layers.items()
+            if isinstance(layer, IsoLayer) and isinstance(modules.get(name), nn.Linear)}
+
+
+def refit_new_heads(model: nn.Module, prior: Prior, loader: Iterable[Any],
+                    device: torch.device) -> dict[str, dict[str, Any]]:
+    """Replace each new head by its evidence-optimal MAP re-fit (in place); returns a record per head."""
+    heads = new_heads(model, prior)
+    if not heads:
+        return {}
+    features, y = head_features(model, heads, loader, device)
+    modules = dict(model.named_modules())
+    records = {}
+    for name, lam in heads.items():
+        linear = modules[name]
+        phi = features[name]
+        weight = linear.weight.detach().double().cpu()
+        start = torch.cat([weight, linear.bias.detach().double().cpu()[:, None]], 1) if linear.bias is not None \
+            else weight
+        if min(start.numel(), phi.shape[0] * start.shape[0]) > EXACT_LIMIT:
+            records[name] = {"refit": False, "reason": f"over {EXACT_LIMIT} dimensions for the exact evidence; "
+                             "the trained head is kept"}
+            continue
+        if int(y.min()) < 0 or int(y.max()) >= start.shape[0]:
+            raise DataError(f"labels must be class indices in [0, {start.shape[0]}) to re-fit the head {name!r}")
+        table = []
+        for m in ALPHA_GRID:
+            w = refit(phi, y, lam * m, start)
+            table.append({"alpha": lam * m, "log_evidence": log_evidence(phi, y, w, lam * m), "weights": w})
+        best = max(range(len(table)), key=lambda i: table[i]["log_evidence"])
+        rows = [{k: v for k, v in row.items() if k != "weights"} for row in table]
+        if best in (0, len(table) - 1):
+            records[name] = {"refit": False, "lambda": lam, "table": rows,
+                             "reason": "the evidence peaks at the grid's edge (no evidence for a finite head "
+                                       "precision); the trained head is kept"}
+            continue
+        w = table[best]["weights"]
+        with torch.no_grad():
+            linear.weight.copy_(w[:, : weight.shape[1]].to(linear.weight))
+            if linear.bias is not None:
+                linear.bias.copy_(w[:, -1].to(linear.bias))
+        records[name] = {"refit": True, "lambda": lam, "alpha": table[best]["alpha"], "table": rows}
+    return records
