@@ -11,7 +11,7 @@ from digits_task import CLASSES, downstream, upstream_prior_dir
 from torch import nn
 
 import zoo
-from zoo.head_evidence import ALPHA_GRID, log_evidence, refit, refit_new_heads
+from zoo.head_evidence import ALPHA_GRID, log_evidence, reduce_features, refit, refit_new_heads
 from zoo.layers import IsoLayer
 from zoo.prior import Prior
 
@@ -46,6 +46,18 @@ def test_refit_is_the_map() -> None:
     loss = F.cross_entropy(phi @ w.T, y, reduction="sum") + 0.25 * (w * w).sum()
     (grad,) = torch.autograd.grad(loss, w)
     assert grad.abs().max().item() < 1e-5  # of a loss summed over 20 points
+
+
+def test_fewer_examples_than_features_reduce_exactly() -> None:
+    g = torch.Generator().manual_seed(3)
+    phi = torch.randn(4, 7, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 1])
+    z, back = reduce_features(phi)
+    assert z.shape == (4, 4) and torch.allclose(z @ z.T, phi @ phi.T, atol=1e-10)
+    w = refit(phi, y, 0.7, torch.zeros(3, 7, dtype=torch.float64))
+    w_z = refit(z, y, 0.7, torch.zeros(3, 4, dtype=torch.float64))
+    assert torch.allclose(w_z @ back, w, atol=1e-6)  # the same MAP
+    assert log_evidence(z, y, w_z, 0.7) == pytest.approx(log_evidence(phi, y, w, 0.7), abs=1e-7)
 
 
 class Net(nn.Module):

@@ -25,8 +25,22 @@ from zoo.prior import Prior
 
 ALPHA_GRID: tuple[float, ...] = tuple(10.0 ** (k / 2) for k in range(-8, 9))
 """Multipliers of the head's λ: α = λ·m, half-decades from 10⁻⁴ to 10⁴."""
-EXACT_LIMIT = 4000
-"""The exact log-determinant is taken in min(N·C, P) dimensions; above this the trained head is kept."""
+EXACT_LIMIT = 500
+"""The re-fit and the evidence work with exact Hessians in C·min(N, D) dimensions; above this (e.g. more than 50
+images of 10 classes) the trained head is kept, where a few-shot head's overconfidence matters less."""
+
+
+def reduce_features(phi: Tensor) -> tuple[Tensor, Tensor]:
+    """(z, back): N × r features with z zᵀ = φ φᵀ, r = rank φ ≤ min(N, D), and the r × D map with W = W_z·back.
+
+    The MAP of an L2-regularised linear layer lies in the row space of φ, and the evidence's log det(I + H/α)
+    only sees H's non-zero eigenvalues, so the re-fit and the evidence in z are exactly those in φ."""
+    if phi.shape[0] >= phi.shape[1]:
+        return phi, torch.eye(phi.shape[1], dtype=phi.dtype)
+    values, vectors = torch.linalg.eigh(phi @ phi.T)
+    keep = values > values.max().clamp_min(0) * 1e-10
+    root = values[keep].sqrt()
+    return vectors[:, keep] * root, (vectors[:, keep] / root).T @ phi
 
 
 def head_features(model: nn.Module, names: Iterable[str], loader: Iterable[Any],
@@ -58,20 +72,42 @@ def head_features(model: nn.Module, names: Iterable[str], loader: Iterable[Any],
     return out, torch.cat(labels)
 
 
-def refit(phi: Tensor, y: Tensor, alpha: float, start: Tensor) -> Tensor:
-    """argmin_W Σ CE(Wφ, y) + ½α‖W‖², from `start` (C × D, float64): strictly convex, so L-BFGS finds it."""
-    w = start.detach().clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([w], lr=1.0, max_iter=500, tolerance_grad=1e-9, tolerance_change=1e-12,
-                            history_size=20, line_search_fn="strong_wolfe")
+def _loss(phi: Tensor, y: Tensor, w: Tensor, alpha: float) -> Tensor:
+    return F.cross_entropy(phi @ w.T, y, reduction="sum") + 0.5 * alpha * (w * w).sum()
 
-    def closure() -> Tensor:
-        opt.zero_grad()
-        loss = F.cross_entropy(phi @ w.T, y, reduction="sum") + 0.5 * alpha * (w * w).sum()
-        loss.backward()
-        return loss
 
-    opt.step(closure)
-    return w.detach()
+def _hessian(phi: Tensor, w: Tensor, alpha: float) -> Tensor:
+    """Σᵢ Λᵢ ⊗ φᵢφᵢᵀ + αI over vec(W) in row-major (class, input) order: the exact Hessian of the loss."""
+    p = (phi @ w.T).softmax(-1)
+    lam = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    size = w.numel()
+    h = torch.einsum("icd,ia,ib->cadb", lam, phi, phi).reshape(size, size)
+    return h + alpha * torch.eye(size, dtype=h.dtype)
+
+
+def refit(phi: Tensor, y: Tensor, alpha: float, start: Tensor, *, iterations: int = 100) -> Tensor:
+    """argmin_W Σ CE(Wφ, y) + ½α‖W‖², from `start` (C × D, float64), by damped Newton steps: the loss is strictly
+    convex and its Hessian is exact and small here, so a few steps reach the optimum to machine precision."""
+    w = start.detach().clone()
+    loss = _loss(phi, y, w, alpha)
+    for _ in range(iterations):
+        grad = ((phi @ w.T).softmax(-1) - F.one_hot(y, w.shape[0]).to(phi)).T @ phi + alpha * w
+        if grad.abs().max().item() <= 1e-10 * max(1.0, loss.item()):
+            break
+        step = torch.linalg.solve(_hessian(phi, w, alpha), grad.reshape(-1)).reshape(w.shape)
+        decrease = (grad * step).sum().item()
+        t = 1.0
+        while True:  # Armijo backtracking
+            candidate = w - t * step
+            new = _loss(phi, y, candidate, alpha)
+            if new.item() <= loss.item() - 1e-4 * t * decrease or t < 1e-8:
+                break
+            t *= 0.5
+        if loss.item() - new.item() <= 1e-15 * max(1.0, abs(loss.item())):
+            w = candidate if new.item() < loss.item() else w
+            break
+        w, loss = candidate, new
+    return w
 
 
 def log_evidence(phi: Tensor, y: Tensor, w: Tensor, alpha: float) -> float:
@@ -86,8 +122,7 @@ def log_evidence(phi: Tensor, y: Tensor, w: Tensor, alpha: float) -> float:
     lam = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]  # (N, C, C)
     size = w.numel()
     if size <= n * c:
-        h = torch.einsum("icd,ia,ib->cadb", lam, phi, phi).reshape(size, size)
-        sign, logdet = torch.linalg.slogdet(h + alpha * torch.eye(size, dtype=torch.float64))
+        sign, logdet = torch.linalg.slogdet(_hessian(phi, w, alpha))
         logdet = logdet - size * math.log(alpha)
     else:
         gram = phi @ phi.T  # J Jᵀ = K ⊗ I_C for a linear layer
@@ -119,19 +154,20 @@ def refit_new_heads(model: nn.Module, prior: Prior, loader: Iterable[Any],
     for name, lam in heads.items():
         linear = modules[name]
         phi = features[name]
-        weight = linear.weight.detach().double().cpu()
-        start = torch.cat([weight, linear.bias.detach().double().cpu()[:, None]], 1) if linear.bias is not None \
-            else weight
-        if min(start.numel(), phi.shape[0] * start.shape[0]) > EXACT_LIMIT:
+        classes, inputs = linear.weight.shape
+        if classes * min(phi.shape) > EXACT_LIMIT:
             records[name] = {"refit": False, "reason": f"over {EXACT_LIMIT} dimensions for the exact evidence; "
                              "the trained head is kept"}
             continue
-        if int(y.min()) < 0 or int(y.max()) >= start.shape[0]:
-            raise DataError(f"labels must be class indices in [0, {start.shape[0]}) to re-fit the head {name!r}")
+        if int(y.min()) < 0 or int(y.max()) >= classes:
+            raise DataError(f"labels must be class indices in [0, {classes}) to re-fit the head {name!r}")
+        z, back = reduce_features(phi)
         table = []
-        for m in ALPHA_GRID:
-            w = refit(phi, y, lam * m, start)
-            table.append({"alpha": lam * m, "log_evidence": log_evidence(phi, y, w, lam * m), "weights": w})
+        w_z = torch.zeros(classes, z.shape[1], dtype=torch.float64)
+        for m in sorted(ALPHA_GRID, reverse=True):  # strongest first, each re-fit warm-started from the last
+            w_z = refit(z, y, lam * m, w_z)
+            table.append({"alpha": lam * m, "log_evidence": log_evidence(z, y, w_z, lam * m), "weights": w_z @ back})
+        table.reverse()
         best = max(range(len(table)), key=lambda i: table[i]["log_evidence"])
         rows = [{k: v for k, v in row.items() if k != "weights"} for row in table]
         if best in (0, len(table) - 1):
@@ -141,7 +177,7 @@ def refit_new_heads(model: nn.Module, prior: Prior, loader: Iterable[Any],
             continue
         w = table[best]["weights"]
         with torch.no_grad():
-            linear.weight.copy_(w[:, : weight.shape[1]].to(linear.weight))
+            linear.weight.copy_(w[:, :inputs].to(linear.weight))
             if linear.bias is not None:
                 linear.bias.copy_(w[:, -1].to(linear.bias))
         records[name] = {"refit": True, "lambda": lam, "alpha": table[best]["alpha"], "table": rows}
