@@ -14,7 +14,6 @@ from digits_task import CLASSES, batches, downstream, gibbs_test_error, save_ima
 import zoo
 from zoo.certified import PRIOR_SCALE_GRID, certify_data_dependent, recentred_prior, split_batches
 from zoo.layers import IsoLayer, KronLayer
-from zoo.tuning import isotropic_prior
 
 
 def task(seed: int, n_train: int) -> tuple[list, torch.Tensor, torch.Tensor]:
@@ -72,23 +71,6 @@ def test_data_dependent_certificate_holds_on_held_out_data_and_is_informative() 
         assert "data-dependent prior" in run.posterior.meta["certificate_kind"]
         pretrained = prior.scaled(dict.fromkeys(prior.layers, run.kappa))
         assert run.posterior.kl(pretrained).item() > 100 * cert.kl
-
-
-def test_learned_prior_certifies_tighter_than_the_isotropic_one(one_thread: None) -> None:
-    """Where data is scarce (100 digits, 50 certified) and κ keeps Q a real distribution, the learned shape pays:
-    measured 0.805 against 0.982 on seed 0 (and 0.800 against 0.954 on seed 1)."""
-    bounds = {}
-    for name in ("learned", "isotropic"):
-        train, _, _ = task(0, 100)
-        torch.manual_seed(0)
-        model, prior = zoo.load(str(upstream_prior_dir()), num_classes=CLASSES, reset_head=True)
-        if name == "isotropic":
-            prior = isotropic_prior(prior)
-        run = certify_data_dependent(model, prior, train, grid=(100.0,), epochs=20, samples=20,
-                                     generator=torch.Generator().manual_seed(0))
-        bounds[name] = run.certificate.bound
-    assert bounds["isotropic"] < 1.0, f"the isotropic certificate is vacuous: {bounds}"
-    assert bounds["learned"] < 0.9 * bounds["isotropic"], f"the learned prior is not 10% tighter: {bounds}"
 
 
 def test_cli_finetune_with_a_data_dependent_certificate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
