@@ -43,9 +43,9 @@ PHOTO_LABELS = {"china": 698, "flower": 985}
 """What the two sample photos show, as ImageNet classes (our reading of the photos, not the network's): the
 china photo is a palace, the flower photo a daisy. They label the crops the prior's width is checked on."""
 DEFAULT_NAME = "efficientnet_lite0-smoke-kfac"
+"""The repository name of the embedded default (what `zoo serve` with no REF serves)."""
 DEMO_REPO = "prior-zoo/" + DEFAULT_NAME
 """The id the demo loads its prior by, from a local Hugging Face cache (zoo.hub_cache)."""
-"""The repository name of the embedded default (what `zoo serve` with no REF serves)."""
 
 
 BUILD_REVISION = "r2"

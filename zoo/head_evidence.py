@@ -3,8 +3,9 @@
 Why: zoo.finetune trains the mean against the weakest prior (tuning.STRENGTH_NOTE), so on separable few-shot data a
 new head's weights keep growing: its logits are overconfident, and an evidence evaluated *at* those weights prefers
 a wide head. For a linear last layer the proper type-II choice is cheap and exact: for each α on a grid, the MAP
-head under N(0, α⁻¹I) is a convex re-fit on fixed features, and the evidence's log-determinant is exact through the
-N·C × N·C form (the GGN of a linear softmax layer is its Hessian). The head with the highest evidence replaces the
+head under N(0, α⁻¹I) is a convex re-fit on fixed features, and the evidence's log-determinant is exact in
+C·min(N, D) dimensions once the features are reduced to their rank (the GGN of a linear softmax layer is its
+Hessian). The head with the highest evidence replaces the
 trained one. Where the evidence is still rising at the grid's edge (at one shot per class it prefers a head of zero:
 the data give no evidence for any head), the trained head is kept and the record says so.
 """
@@ -113,26 +114,15 @@ def refit(phi: Tensor, y: Tensor, alpha: float, start: Tensor, *, iterations: in
 def log_evidence(phi: Tensor, y: Tensor, w: Tensor, alpha: float) -> float:
     """Laplace log evidence of a linear softmax layer at its MAP w under N(0, α⁻¹I), up to a constant in α.
 
-    log Z = −Σ CE − ½α‖w‖² + ½P log α − ½ log det(H + αI), with H = Σᵢ Λᵢ ⊗ φᵢφᵢᵀ, Λᵢ = diag(pᵢ) − pᵢpᵢᵀ; the
-    log-determinant in the smaller of P and N·C dimensions (det(αI_P + JᵀΛJ) = α^P det(I + ΛJJᵀ/α)).
+    log Z = −Σ CE − ½α‖w‖² + ½P log α − ½ log det(H + αI), with H = Σᵢ Λᵢ ⊗ φᵢφᵢᵀ, Λᵢ = diag(pᵢ) − pᵢpᵢᵀ, in the
+    P = C·D dimensions of w (reduce_features first keeps D ≤ N).
     """
-    logits = phi @ w.T
-    p = logits.softmax(-1)
-    n, c = p.shape
-    lam = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]  # (N, C, C)
-    size = w.numel()
-    if size <= n * c:
-        sign, logdet = torch.linalg.slogdet(_hessian(phi, w, alpha))
-        logdet = logdet - size * math.log(alpha)
-    else:
-        gram = phi @ phi.T  # J Jᵀ = K ⊗ I_C for a linear layer
-        m = (gram[:, None, :, None] * lam[:, :, None, :]).reshape(n * c, n * c) / alpha
-        sign, logdet = torch.linalg.slogdet(torch.eye(n * c, dtype=torch.float64) + m)
+    sign, logdet = torch.linalg.slogdet(_hessian(phi, w, alpha))
     if sign.item() <= 0 or not torch.isfinite(logdet):
         raise NumericalError(f"the head's evidence determinant is not positive at α={alpha:g}; check the features "
                              "for NaN or inf")
-    nll = F.cross_entropy(logits, y, reduction="sum")
-    return (-nll - 0.5 * alpha * (w * w).sum() - 0.5 * logdet).item()
+    nll = F.cross_entropy(phi @ w.T, y, reduction="sum")
+    return (-nll - 0.5 * alpha * (w * w).sum() - 0.5 * (logdet - w.numel() * math.log(alpha))).item()
 
 
 def new_heads(model: nn.Module, prior: Prior) -> dict[str, float]:
@@ -166,7 +156,7 @@ def refit_new_heads(model: nn.Module, prior: Prior, loader: Iterable[Any],
         w_z = torch.zeros(classes, z.shape[1], dtype=torch.float64)
         for m in sorted(ALPHA_GRID, reverse=True):  # strongest first, each re-fit warm-started from the last
             w_z = refit(z, y, lam * m, w_z)
-            table.append({"alpha": lam * m, "log_evidence": log_evidence(z, y, w_z, lam * m), "weights": w_z @ back})
+            table.append({"alpha": lam * m, "log_evidence": log_evidence(z, y, w_z, lam * m), "weights": w_z})
         table.reverse()
         best = max(range(len(table)), key=lambda i: table[i]["log_evidence"])
         rows = [{k: v for k, v in row.items() if k != "weights"} for row in table]
@@ -175,7 +165,7 @@ def refit_new_heads(model: nn.Module, prior: Prior, loader: Iterable[Any],
                              "reason": "the evidence peaks at the grid's edge (no evidence for a finite head "
                                        "precision); the trained head is kept"}
             continue
-        w = table[best]["weights"]
+        w = table[best]["weights"] @ back  # back to the layer's inputs, for the chosen α only
         with torch.no_grad():
             linear.weight.copy_(w[:, :inputs].to(linear.weight))
             if linear.bias is not None:

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 from huggingface_hub import constants
+from huggingface_hub.file_download import repo_folder_name
 
 from zoo.hub_mirror import check_ref_name, check_repo_id, folder_files, sha256_file
 
@@ -22,7 +23,7 @@ from zoo.hub_mirror import check_ref_name, check_repo_id, folder_files, sha256_f
 def repo_cache_dir(cache_dir: str | os.PathLike[str] | None, repo_id: str) -> Path:
     """huggingface_hub's folder for a model repository inside `cache_dir` (default: HF_HUB_CACHE)."""
     root = Path(cache_dir) if cache_dir is not None else Path(constants.HF_HUB_CACHE)
-    return root / ("models--" + repo_id.replace("/", "--"))
+    return root / repo_folder_name(repo_id=repo_id, repo_type="model")
 
 
 def populate_cache(

@@ -206,7 +206,8 @@ def finetune(
             with torch.no_grad():
                 for p, value in zip(params, best[2], strict=True):
                     p.copy_(value)
-    head_record = refit_new_heads(model, prior, train_loader, device) if refit_head and marglik else {}
+    refit = refit_head and marglik  # the head is re-fitted only where the mean was trained at the weakest κ
+    head_record = refit_new_heads(model, prior, train_loader, device) if refit else {}
     train_seconds = time.perf_counter() - t0
     blocks = kfac(model, train_loader, fisher, approx=approx, generator=gen, progress=progress)
     pieces = posterior_pieces(model, prior, blocks)
@@ -264,7 +265,7 @@ def finetune(
     meta["strength"] = {"method": strength, "kappa": kappa if marglik else None, "groups": sorted(set(kappa)),
                         "grid": list(STRENGTH_GRID) if marglik else None, "history": chosen_once,
                         "note": STRENGTH_NOTE}
-    meta["head_refit"] = {"enabled": bool(refit_head and marglik), "heads": head_record, "note": HEAD_REFIT_NOTE}
+    meta["head_refit"] = {"enabled": refit, "heads": head_record, "note": HEAD_REFIT_NOTE}
     meta["width"] = {"requested": width, "chosen": chosen_width, "selection": width_record, "note": WIDTH_NOTE}
     meta["bound"].update(taylor)
     if chosen_width == "bound":
