@@ -1,6 +1,6 @@
 """A new head re-fitted at the prior precision its own Laplace evidence prefers, on the fine-tuned body's features.
 
-Why: zoo.finetune trains the mean against the weakest prior (tuning.STRENGTH_NOTE), so on separable few-shot data a
+Why: zoo.finetune trains the mean by likelihood alone (tuning.STRENGTH_NOTE), so on separable few-shot data a
 new head's weights keep growing: its logits are overconfident, and an evidence evaluated *at* those weights prefers
 a wide head. For a linear last layer the proper type-II choice is cheap and exact: for each α on a grid, the MAP
 head under N(0, α⁻¹I) is a convex re-fit on fixed features, and the evidence's log-determinant is exact in
