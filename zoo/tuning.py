@@ -190,7 +190,11 @@ def finetune(
                 count += y.shape[0]
                 last_half_quad = hq.item()
             mean_nll = nll_sum / max(count, 1)
-            record = {"epoch": epoch, "train_nll": mean_nll, "half_quadratic": last_half_quad}
+            record = {"epoch": epoch, "train_nll": mean_nll}
+            shown = {"nll": f"{mean_nll:.3f}"}
+            if active is not None:  # without a prior term there is no quadratic to report (it is not the KL)
+                record["half_quadratic"] = last_half_quad
+                shown["kl_quad"] = f"{last_half_quad:.1f}"
             if objective == "catoni":
                 if not marglik:
                     c = _choose_c(mean_nll / LN2, last_half_quad, n, delta, c)
@@ -201,7 +205,7 @@ def finetune(
                 if best is None or val_nll < best[0]:
                     best = (val_nll, epoch, [p.detach().clone() for p in params])
             history.append(record)
-            bar.set_postfix(nll=f"{mean_nll:.3f}", kl_quad=f"{last_half_quad:.1f}")
+            bar.set_postfix(shown)
             if best is not None and epoch - best[1] >= patience:
                 break
         if best is not None:
