@@ -199,13 +199,15 @@ def run_map(up: Upstream, train: Batches, x: Tensor, y: Tensor, seed: int,
 
 
 def run_ours(up: Upstream, train: Batches, x: Tensor, y: Tensor, seed: int, epochs: int, objective: str,
-             run_modes: list[str | None], default: str | None, *, isotropic: bool = False) -> dict[str, dict]:
+             run_modes: list[str | None], default: str | None, *, isotropic: bool = False,
+             mean_penalty: str | None = None) -> dict[str, dict]:
     model, prior = fresh(up, seed)
     if isotropic:
         prior = isotropic_prior(prior)
+    extra = {} if mean_penalty is None else {"mean_penalty": mean_penalty}
     t0 = time.perf_counter()
     post = zoo.finetune(model, prior, train, objective=objective, epochs=epochs, lr=LR, progress=False,
-                        generator=torch.Generator().manual_seed(seed))
+                        generator=torch.Generator().manual_seed(seed), **extra)
     fit = time.perf_counter() - t0
     rows = {}
     for mode in run_modes:
@@ -219,7 +221,8 @@ def run_ours(up: Upstream, train: Batches, x: Tensor, y: Tensor, seed: int, epoc
         result = measure(pred.probs[:n], y, pred.probs[n:], mi=mi[:n], ood_mi=mi[n:])
         used = getattr(pred, "mode", None)
         result.update(fit_s=fit, predict_s=seconds, note=f"predict mode {used}" if used else "")
-        rows[ours_row(objective, mode, default, isotropic=isotropic)] = result
+        label = ours_row(objective, mode, default, isotropic=isotropic)
+        rows[label if mean_penalty is None else f"{label}, mean_penalty={mean_penalty}"] = result
     return rows
 
 
@@ -330,7 +333,8 @@ def subsample(n: int, limit: int | None, seed: int) -> Tensor:
 
 
 def run_seed(up: Upstream, shots: int, seed: int, epochs: int, lp: Any,
-             max_test: int | None = None, all_weights: bool = True) -> dict[str, dict[str, Any]]:
+             max_test: int | None = None, all_weights: bool = True,
+             mean_penalty: str | None = None) -> dict[str, dict[str, Any]]:
     train, x, y = downstream(shots, seed)
     keep = subsample(x.shape[0], max_test, 10_000 + seed)
     x, y = x[keep], y[keep]
@@ -359,6 +363,10 @@ def run_seed(up: Upstream, shots: int, seed: int, epochs: int, lp: Any,
                         lambda: run_ours(up, train, x, y, seed, epochs, "catoni", run_modes, default)) or {})
     rows.update(attempt(ours_row("mcallester", default, default),
                         lambda: run_ours(up, train, x, y, seed, epochs, "mcallester", [default], default)) or {})
+    if mean_penalty is not None:  # an opt-in of zoo.finetune, in the default predictive only
+        rows.update(attempt(f"{ours_row('catoni', default, default)}, mean_penalty={mean_penalty}",
+                            lambda: run_ours(up, train, x, y, seed, epochs, "catoni", [default], default,
+                                             mean_penalty=mean_penalty)) or {})
     if lp is not None and mapped is not None:
         map_model, map_fit = mapped[0], mapped[1]["fit_s"]
         result = attempt(LL_ROW, lambda: run_last_layer(lp, map_model, map_fit, train, up, x, y, seed))
@@ -447,6 +455,8 @@ def main() -> None:
                         help="evaluate on a seeded random subset of at most this many test and OOD images each")
     parser.add_argument("--no-all-weights", dest="all_weights", action="store_false",
                         help="skip laplace-torch's all-weights row (about 15 minutes per seed on resnet10t, 2 cores)")
+    parser.add_argument("--mean-penalty", choices=["reference"], default=None,
+                        help="add a learned-prior row fine-tuned with zoo.finetune(mean_penalty=...)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 1 seed, 1 shot, efficientnet_gn, 200 test and 200 OOD images")
     args = parser.parse_args()
@@ -467,7 +477,7 @@ def main() -> None:
           f"MAP wd grid {WD_GRID}; torch threads {torch.get_num_threads()} (shared machine: timings are noisy)")
     report: dict[str, Any] = {"config": {"epochs": args.epochs, "lr": LR, "samples": SAMPLES, "wd_grid": WD_GRID,
                                          "seeds": args.seeds, "shots": args.shots, "networks": args.networks,
-                                         "max_test": args.max_test,
+                                         "max_test": args.max_test, "mean_penalty": args.mean_penalty,
                                          "modes": run_modes, "default_mode": default,
                                          "laplace_torch": getattr(lp, "__version__", None) if lp else None},
                               "upstream": {}, "results": {}, "targets": []}
@@ -487,7 +497,8 @@ def main() -> None:
             per_seed = []
             for seed in range(args.seeds):
                 t0 = time.perf_counter()
-                per_seed.append(run_seed(up, shots, seed, args.epochs, lp, args.max_test, args.all_weights))
+                per_seed.append(run_seed(up, shots, seed, args.epochs, lp, args.max_test, args.all_weights,
+                                         args.mean_penalty))
                 print(f"  [{network}, {shots} shots, seed {seed}: {time.perf_counter() - t0:.0f} s]", flush=True)
             table = aggregate(per_seed)
             print_table(network, shots, table, args.seeds)

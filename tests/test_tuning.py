@@ -10,7 +10,7 @@ from torch import nn
 
 import zoo
 from zoo import DataError, ModelError, NumericalError
-from zoo.layers import KronLayer
+from zoo.layers import IsoLayer, KronLayer
 from zoo.marglik import STRENGTH_GRID
 from zoo.pacbayes import catoni_grid
 from zoo.tuning import finetune, isotropic_prior, objective_value
@@ -189,3 +189,49 @@ def test_finetune_keeps_norm_statistics_unless_asked() -> None:
     assert post.meta["finetune"]["norm_statistics"] == {"method": "adapt", "adapted_layers": 1}
     with pytest.raises(zoo.ConfigError, match="norm_statistics"):
         finetune(bn_model(), prior, shifted, epochs=0, progress=False, norm_statistics="batch")
+
+
+def test_reference_quadratic_is_the_isotropic_priors_quadratic_on_the_body(prior_and_model) -> None:
+    """The cheap elementwise penalty equals the dense quadratic of N(θ*, λ⁻¹I) on the pretrained layers; a new head
+    (whose λ is a guess) adds nothing."""
+    prior, base = prior_and_model
+    model = _copy(base)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    dense = isotropic_prior(prior, lam=0.7).quadratic(model).item()
+    assert prior.reference_quadratic(model, 0.7).item() == pytest.approx(dense, rel=1e-6)  # float32 squares
+    layers = dict(prior.layers)
+    layers["3"] = IsoLayer(2.5, ("weight", "bias"))  # a new head
+    mean = dict(prior.mean, **{"3.weight": torch.zeros(3, 6), "3.bias": torch.zeros(3)})
+    headed = zoo.Prior(mean, layers, prior.meta)
+    head = [model[3].weight.double(), model[3].bias.double()]
+    moved = sum(((w - prior.mean[f"3.{k}"].double()) ** 2).sum() for w, k in zip(head, ("weight", "bias"), strict=True))
+    assert headed.reference_quadratic(model, 0.7).item() == pytest.approx(dense - 0.7 * moved.item(), rel=1e-6)
+    with pytest.raises(zoo.ConfigError, match="positive and finite"):
+        prior.reference_quadratic(model, float("nan"))
+
+
+def test_mean_penalty_reference_trains_the_map_of_the_reference_prior(prior_and_model) -> None:
+    """mean_penalty='reference' pulls the fine-tuned mean toward θ* (L2-SP at the prior's λ); the default does not."""
+    prior, base = prior_and_model
+    strong = zoo.Prior(prior.mean, prior.layers, dict(prior.meta, **{"lambda": 50.0}))
+    kwargs = {"epochs": 40, "lr": 1e-2, "progress": False, "width": "laplace", "refit_head": False}
+
+    def distance(**extra: str) -> tuple[float, zoo.Posterior]:
+        post = finetune(_copy(base), strong, data(5), generator=torch.Generator().manual_seed(0), **kwargs, **extra)
+        return sum(((post.mean[k] - prior.mean[k]) ** 2).sum().item() for k in post.mean), post
+
+    free, default = distance()
+    pulled, post = distance(mean_penalty="reference")
+    assert pulled < 0.5 * free
+    assert default.meta["finetune"]["mean_penalty"]["method"] == "none"
+    assert "half_quadratic" not in default.meta["finetune"]["history"][-1]
+    record = post.meta["finetune"]["mean_penalty"]
+    assert record["method"] == "reference" and record["lambda"] == 50.0
+    assert "half_quadratic" in post.meta["finetune"]["history"][-1]
+    lost = zoo.Prior(prior.mean, prior.layers, {k: v for k, v in prior.meta.items() if k != "lambda"})
+    with pytest.raises(zoo.ConfigError, match="mean_penalty='none'"):
+        finetune(_copy(base), lost, data(5), mean_penalty="reference", **kwargs)
+    with pytest.raises(zoo.ConfigError, match="mean_penalty must be one of"):
+        finetune(_copy(base), prior, data(5), mean_penalty="l2", progress=False)

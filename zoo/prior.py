@@ -92,6 +92,28 @@ class Prior:
                     total = total + layer.lam * getattr(module, local).square().sum().to(total)
         return total
 
+    def reference_quadratic(self, model: nn.Module, lam: float) -> Tensor:
+        """λ‖θ − μ‖² over the layers with a pretrained prior, differentiable, summed in float64; a new head
+        (IsoLayer) contributes nothing.
+
+        The quadratic of the isotropic reference N(μ, λ⁻¹I) on the pretrained body, without forming its identity
+        Kronecker factors: one elementwise pass, which fine-tuning can afford every step. A new head's λ is a
+        guess, not a measurement (zoo.head_evidence chooses the head's precision after training).
+        """
+        if not (math.isfinite(lam) and lam > 0):
+            raise ConfigError(f"the reference precision λ must be positive and finite, got {lam}")
+        modules = dict(model.named_modules())
+        total = torch.zeros((), dtype=torch.float64)
+        for name, layer in self.layers.items():
+            if isinstance(layer, IsoLayer):
+                continue
+            module = _module(modules, name)
+            locals_ = layer.params if isinstance(layer, KronLayer) else tuple(layer.precision)
+            for local in locals_:
+                p = getattr(module, local) if local else module
+                total = total + lam * (p - self._mean_of(name, local).to(p)).square().sum().to(total)
+        return total
+
     def sample(self, model: nn.Module, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """One draw θ ~ N(μ, Λ⁻¹) as {parameter name: tensor}, seeded by `generator`."""
         modules = dict(model.named_modules())
