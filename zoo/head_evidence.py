@@ -1,8 +1,8 @@
 """A new head re-fitted at the prior precision its own Laplace evidence prefers, on the fine-tuned body's features.
 
-Why: zoo.finetune trains the mean against a fixed reference λ, or by likelihood alone (tuning.MEAN_PENALTY_NOTE);
-without a prior, on separable few-shot data a new head's weights keep growing: its logits are overconfident, and
-an evidence evaluated *at* those weights prefers a wide head. For a linear last layer the proper type-II choice
+Why: zoo.finetune trains a new head without a prior (tuning.STRENGTH_NOTE), so on separable few-shot data its
+weights keep growing: its logits are overconfident, and an evidence evaluated *at* those weights prefers a wide
+head. For a linear last layer the proper type-II choice
 is cheap and exact: for each α on a grid, the MAP head under N(0, α⁻¹I) is a convex re-fit on fixed features,
 and the evidence's log-determinant is exact in C·min(N, D) dimensions once the features are reduced to their rank
 (the GGN of a linear softmax layer is its Hessian). The head with the highest evidence replaces the trained one.
