@@ -293,6 +293,28 @@ def test_round_trip_through_plain_tensors_needs_no_decomposition(monkeypatch: py
         assert q.is_exact == p.is_exact
 
 
+def _no_qr(*args: object, **kwargs: object) -> None:
+    raise AssertionError("a one-term decomposition already holds float64 eigenvectors: no QR at load")
+
+
+def test_single_term_import_takes_the_decompositions_float64_eigenvectors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As an artifact stores it: eigenpairs in float32, the decomposition in float64. Loading reuses the latter."""
+    p = KronPrecision([(spd(6, rank=3), spd(4))], [2.0], damping=0.3)
+    p.decomposition()
+    tensors = {k: (v.float() if k.startswith("eig.") else v) for k, v in p.to_tensors().items()}
+    with monkeypatch.context() as m:
+        m.setattr(torch.linalg, "qr", _no_qr)
+        m.setattr(torch.linalg, "eigh", _no_eigh)
+        q = KronPrecision.from_tensors(tensors)
+    (la, ua), (lg, ug) = q.factor_eigh()
+    assert ua.dtype == F64 and torch.equal(ua, tensors["dec.in.T"]) and torch.equal(ug, tensors["dec.out.T"])
+    assert rel(ua.T @ ua, torch.eye(6, dtype=F64)) < 1e-13
+    assert rel(ua @ torch.diag(la) @ ua.T, p.A[0]) < 1e-12 and rel(ug @ torch.diag(lg) @ ug.T, p.G[0]) < 1e-12
+    bad = dict(tensors, **{"eig.A.0.vectors": tensors["eig.A.0.vectors"] + 1e-3})
+    with pytest.raises(InvalidFactorError, match="disagrees"):
+        KronPrecision.from_tensors(bad)
+
+
 def test_corrupt_import_is_refused() -> None:
     tensors = KronPrecision([(spd(3), spd(2))], damping=0.1).to_tensors()
     bad = dict(tensors, **{"dec.in.T": torch.eye(4, dtype=F64)})

@@ -68,9 +68,10 @@ def _layer_tensors(name: str, layer: Layer) -> dict[str, Tensor]:
         return {}
     out = {}
     for key, value in tensors.items():
-        # Factors and their eigendecompositions are float32 (the contract; loading re-orthonormalises the
-        # eigenvectors with one QR). A multi-term decomposition stays float64, since its whitened bases are not
-        # orthogonal and float32 would cost the KL its accuracy.
+        # Factors and their eigendecompositions are float32 (the contract). A decomposition stays float64: a
+        # multi-term one's whitened bases are not orthogonal and float32 would cost the KL its accuracy, and a
+        # one-term one holds the factors' float64 eigenvectors, which loading then uses (checked against the
+        # float32 copy) instead of re-orthonormalising that copy with a QR.
         keep64 = value.numel() <= 1 or key == "scales" or key.startswith("dec.")
         out[f"{name}{SEP}{key}"] = (value if keep64 or not value.is_floating_point() else value.float()).contiguous()
     return out

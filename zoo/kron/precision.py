@@ -302,15 +302,20 @@ class KronPrecision:
             method = approx.APPROXIMATIONS[int(tensors["approximation"][0])]
             p = cls(terms, tensors["scales"], float(tensors["damping"][0]), approximation=method, rtol=rtol,
                     check_psd=False)
+            if "dec.weights" in tensors:
+                p._dec = _decomposition_from(tensors, device)
+            exact_eigh = _single_term_eigh(p._dec, n)
             for side, cache in (("A", p._eig_a), ("G", p._eig_g)):
                 for i in range(n):
                     key = f"eig.{side}.{i}"
-                    if f"{key}.values" in tensors:
-                        vectors = tensors[f"{key}.vectors"]
-                        cache[i] = (tensors[f"{key}.values"].to(device, FACTOR_DTYPE),
+                    if f"{key}.values" not in tensors:
+                        continue
+                    values, vectors = tensors[f"{key}.values"], tensors[f"{key}.vectors"]
+                    if i == 0 and exact_eigh is not None:
+                        cache[i] = _agreeing(exact_eigh[side], values, vectors, f"{side}[{i}]")
+                    else:
+                        cache[i] = (values.to(device, FACTOR_DTYPE),
                                     _orthonormal(vectors.to(device, FACTOR_DTYPE), vectors.dtype))
-            if "dec.weights" in tensors:
-                p._dec = _decomposition_from(tensors, device)
         except (KeyError, IndexError) as err:
             raise InvalidFactorError(f"stored KronPrecision is missing {err}; the artifact is incomplete") from err
         out, inn = p.shape
@@ -325,6 +330,32 @@ class KronPrecision:
                     raise InvalidFactorError("a stored eigendecomposition does not fit its factor; artifact is corrupt")
                 check_psd_eigenvalues(values, f"stored {side}[{i}]", p._rtol)
         return p
+
+
+def _single_term_eigh(dec: Decomposition | None, terms: int) -> dict[str, tuple[Tensor, Tensor]] | None:
+    """The float64 eigenpairs of A and G that a one-term decomposition already holds (exact.single_term's bases are
+    the factors' eigenvectors, its first coordinates their eigenvalues), or None where it holds other bases."""
+    if (dec is None or terms != 1 or dec.term_index[0] != 0 or not dec.side_in.orthogonal
+            or not dec.side_out.orthogonal or any(i not in (0, -1) for i in dec.term_index)):
+        return None
+    return {"A": (dec.coords_in[0], dec.side_in.T), "G": (dec.coords_out[0], dec.side_out.T)}
+
+
+def _agreeing(exact_eigh: tuple[Tensor, Tensor], values: Tensor, vectors: Tensor, name: str) -> tuple[Tensor, Tensor]:
+    """The decomposition's float64 eigenpairs, after checking the stored lower-precision copy says the same.
+
+    Reusing them skips a QR re-orthonormalisation per factor at load (16 s of a 19 s resnet10t prior load at
+    4608-wide factors); the O(n²) comparison catches an artifact whose two copies disagree.
+    """
+    exact_values, exact_vectors = exact_eigh
+    scale = exact_values.abs().max().clamp_min(torch.finfo(FACTOR_DTYPE).tiny)
+    tol = 10 * torch.finfo(values.dtype).eps
+    if (values.shape != exact_values.shape or vectors.shape != exact_vectors.shape
+            or (values.to(exact_values) - exact_values).abs().max() > tol * scale
+            or (vectors.to(exact_vectors) - exact_vectors).abs().max() > tol):
+        raise InvalidFactorError(f"the stored eigendecomposition of {name} disagrees with the stored decomposition; "
+                                 "the artifact is corrupt: rebuild or re-download it")
+    return exact_values, exact_vectors
 
 
 def _orthonormal(vectors: Tensor, stored: torch.dtype) -> Tensor:
