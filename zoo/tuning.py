@@ -281,7 +281,7 @@ def finetune(
                   "norm_statistics": {"method": norm_statistics, "adapted_layers": adapted},
                   "mean_penalty": {"method": mean_penalty if marglik else "prior", "lambda": reference_lam,
                                    "note": MEAN_PENALTY_NOTE if marglik else None},
-                  "c_note": ("the mean is the MAP of the reference penalty (the trade-off is carried by κ)"
+                  "c_note": ("the mean minimises NLL + mean_penalty/n, no bound (the trade-off is carried by κ)"
                              if marglik else
                              "catoni c re-chosen per epoch on catoni_grid() at δ/|grid|; it only steers the mean")},
         seconds=time.perf_counter() - t0, prior_ref=prior_ref,
