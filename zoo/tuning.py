@@ -318,7 +318,7 @@ MEAN_PENALTY_NOTE = (
     "mean_penalty='reference' (opt-in) trains the mean on cross-entropy + λ‖θ − θ*‖²/(2n) over the pretrained "
     "layers, the MAP of the prior's isotropic reference N(θ*, λ⁻¹I), which P dominates (P = t(βF + αλI)/τ); a new "
     "head is left to the evidence re-fit. κP itself is too stiff for a few Adam steps: with κ = 1e-2 the prior "
-    "term was still 1e6 nats after 30 steps of a 1-shot resnet10t fine-tune and the head barely moved (held-out "
+    "term was still 7e5 nats after 30 steps of a 1-shot resnet10t fine-tune and the head barely moved (held-out "
     "NLL 1.58, near ln 5). Not the default, because the right strength does not transfer: on the 1-shot digits "
     "transfer of benchmarks/transfer.py (5 seeds) it lowers the predictive's held-out NLL from 2.061 to 1.513 on "
     "resnet10t (λ = 7.65) and from 1.428 to 1.355 on efficientnet_gn, but on a smaller efficientnet_gn "
