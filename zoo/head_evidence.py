@@ -2,12 +2,12 @@
 
 Why: zoo.finetune trains a new head without a prior (tuning.STRENGTH_NOTE), so on separable few-shot data its
 weights keep growing: its logits are overconfident, and an evidence evaluated *at* those weights prefers a wide
-head. For a linear last layer the proper type-II choice
-is cheap and exact: for each α on a grid, the MAP head under N(0, α⁻¹I) is a convex re-fit on fixed features,
-and the evidence's log-determinant is exact in C·min(N, D) dimensions once the features are reduced to their rank
-(the GGN of a linear softmax layer is its Hessian). The head with the highest evidence replaces the trained one.
-Where the evidence is still rising at the grid's edge (at one shot per class it prefers a head of zero: the data
-give no evidence for any head), the trained head is kept and the record says so.
+head. For a linear last layer the proper type-II choice is cheap and exact: for each α on a grid, the MAP head under
+N(0, α⁻¹I) is a convex re-fit on fixed features, and the evidence's log-determinant is exact in C·min(N, D)
+dimensions once the features are reduced to their rank (the GGN of a linear softmax layer is its Hessian). The head
+with the highest evidence replaces the trained one. Where the evidence is still rising at the grid's edge (at one
+shot per class it prefers a head of zero: the data give no evidence for any head), the trained head is kept and the
+record says so.
 """
 
 from __future__ import annotations

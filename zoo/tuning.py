@@ -52,8 +52,8 @@ LN2 = math.log(2.0)
 
 
 class ReferencePenalty:
-    """The prior's isotropic reference N(θ*, λ⁻¹I) as a training penalty: quadratic = λ‖θ − θ*‖² (a new head:
-    its own λ‖θ‖²), the L2-SP weight decay toward the pretrained weights at the prior's evidence-chosen λ."""
+    """The prior's isotropic reference N(θ*, λ⁻¹I) on the pretrained layers as a training penalty: quadratic =
+    λ‖θ − θ*‖² (a new head adds nothing), L2-SP weight decay at the prior's evidence-chosen λ."""
 
     def __init__(self, prior: Prior, lam: float) -> None:
         self.prior, self.lam = prior, lam
@@ -185,7 +185,7 @@ def finetune(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         n, nll0 = _scan(model, train_loader, device)
-        active, reference_lam = _mean_penalty(prior, marglik, mean_penalty)
+        active = _mean_penalty(prior, marglik, mean_penalty)
         train_objective = "map" if marglik else objective  # under marglik the trade-off is κ's, not the bound's
         half_quad = 0.0 if active is None else (0.5 * active.quadratic(model)).item()
         c = _choose_c(nll0 / LN2, half_quad, n, delta, 1.0) if objective == "catoni" and not marglik else LN2
@@ -279,7 +279,8 @@ def finetune(
                   "best_epoch": best[1] if best is not None else None, "history": history,
                   "seconds": round(train_seconds, 3),
                   "norm_statistics": {"method": norm_statistics, "adapted_layers": adapted},
-                  "mean_penalty": {"method": mean_penalty if marglik else "prior", "lambda": reference_lam,
+                  "mean_penalty": {"method": mean_penalty if marglik else "prior",
+                                   "lambda": active.lam if isinstance(active, ReferencePenalty) else None,
                                    "note": MEAN_PENALTY_NOTE if marglik else None},
                   "c_note": ("the mean minimises NLL + mean_penalty/n, no bound (the trade-off is carried by κ)"
                              if marglik else
@@ -326,17 +327,17 @@ MEAN_PENALTY_NOTE = (
 )
 
 
-def _mean_penalty(prior: Prior, marglik: bool, method: str) -> tuple[Prior | ReferencePenalty | None, float | None]:
-    """The training penalty and its λ: the prior as given under strength='bound', else MEAN_PENALTY_NOTE's."""
+def _mean_penalty(prior: Prior, marglik: bool, method: str) -> Prior | ReferencePenalty | None:
+    """The training penalty: the prior as given under strength='bound', else MEAN_PENALTY_NOTE's (None: no term)."""
     if not marglik:
-        return prior, None
+        return prior
     if method == "none":
-        return None, None
+        return None
     lam = prior.meta.get("lambda")
     if not (isinstance(lam, int | float) and math.isfinite(lam) and lam > 0):
         raise ConfigError(f"this prior records no reference λ (prior_config.json 'lambda' is {lam!r}); pass "
                           "mean_penalty='none' to train the mean by likelihood alone")
-    return ReferencePenalty(prior, float(lam)), float(lam)
+    return ReferencePenalty(prior, float(lam))
 
 
 NORM_STATISTICS = ("keep", "adapt")

@@ -311,7 +311,7 @@ class KronPrecision:
                     if f"{key}.values" not in tensors:
                         continue
                     values, vectors = tensors[f"{key}.values"], tensors[f"{key}.vectors"]
-                    if i == 0 and exact_eigh is not None:
+                    if exact_eigh is not None:  # one term, so i == 0
                         cache[i] = _agreeing(exact_eigh[side], values, vectors, f"{side}[{i}]")
                     else:
                         cache[i] = (values.to(device, FACTOR_DTYPE),
