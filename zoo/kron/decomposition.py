@@ -154,9 +154,18 @@ class Decomposition:
         """n draws from N(0, Λ⁻¹): Z scaled by D^{-1/2}, rotated once per side (2 matmuls)."""
         out, inn = self.shape
         dt = dtype or self.dtype
-        scale = self.positive_diagonal().rsqrt().to(dt)
+        t_out, t_in, scale = self._single_sampler if dt == torch.float32 else self._sampler(dt)
         z = torch.randn((n, out, inn), generator=generator, dtype=dt, device=self.device)
-        return self.side_out.T.to(dt) @ (z * scale) @ self.side_in.T.to(dt).mT
+        return t_out @ (z * scale) @ t_in.mT
+
+    def _sampler(self, dt: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        return self.side_out.T.to(dt), self.side_in.T.to(dt), self.positive_diagonal().rsqrt().to(dt)
+
+    @cached_property
+    def _single_sampler(self) -> tuple[Tensor, Tensor, Tensor]:
+        """float32 copies for repeated float32 draws (a width selection takes 16): converting a 4608-wide
+        float64 basis on every draw cost more than the draw's own matmuls on small layers."""
+        return self._sampler(torch.float32)
 
 
 def _diag_congruence(x: Tensor, t: Tensor) -> Tensor:

@@ -25,7 +25,9 @@ from torch import Tensor
 
 from zoo.errors import InvalidFactorError
 from zoo.kron.decomposition import Decomposition
+from zoo.kron.lowrank import congruence_diagonal
 from zoo.kron.precision import KronPrecision
+from zoo.kron.validate import check_psd as validate_psd
 
 __all__ = ["extend", "isotropic_value", "rescale_parts", "split_diagonal"]
 
@@ -58,13 +60,15 @@ def extend(prior: KronPrecision, a: Tensor, g: Tensor, scale: float = 1.0, prior
     in the prior's basis (then `approximation_error` is the measured relative Frobenius error).
     """
     s, ps = _check_scale(scale, "scale"), _check_scale(prior_scale, "prior_scale")
-    new = KronPrecision([(a, g)], [s], approximation="eigenbasis")
+    new = KronPrecision([(a, g)], [s], approximation="eigenbasis", check_psd=False)  # checked below, per path
     if new.shape != prior.shape:
         raise InvalidFactorError(f"the new term is over {new.shape} weights but the prior over {prior.shape}")
     iso = isotropic_value(prior)
-    if iso is not None:
-        return new.rescaled(damping=ps * iso)
-    if len(prior.terms) == 1 and prior.damping == 0:
+    if iso is not None or (len(prior.terms) == 1 and prior.damping == 0):
+        validate_psd(new.A[0], "A", new._rtol)
+        validate_psd(new.G[0], "G", new._rtol)
+        if iso is not None:
+            return new.rescaled(damping=ps * iso)
         return new + prior * ps  # two terms: exact, the prior (last) term whitens
     base = prior.decomposition()
     shifted = Decomposition(
@@ -83,8 +87,16 @@ def extend(prior: KronPrecision, a: Tensor, g: Tensor, scale: float = 1.0, prior
 
 
 def _psd_diagonal(x: Tensor, t: Tensor, name: str, rtol: float) -> Tensor:
-    """diag(Tᵀ X T) of a PSD factor: rounding-level negatives (≥ −rtol·‖X‖_F) are zeros, anything lower raises."""
-    values = ((x @ t) * t).sum(0)
+    """diag(Tᵀ X T) of a PSD factor: rounding-level negatives (≥ −rtol·‖X‖_F) are zeros, anything lower raises.
+
+    A few-shot factor of low numerical rank takes the O(n²r) pivoted-Cholesky route (zoo.kron.lowrank), exact to
+    the factor's own rounding. An accepted root L also certifies X PSD to the factor's tolerance when the remainder
+    S = X − LLᵀ has ‖S‖_F ≤ ½·rtol·λmax(LLᵀ) (then λmin(X) ≥ −‖S‖₂ ≥ −rtol·λmax(X)); otherwise one Cholesky checks
+    it (zoo.kron.validate.check_psd). rtol is √eps of the factor's dtype."""
+    values, found = congruence_diagonal(x, t, rtol * rtol)
+    certified = found is not None and found[1] <= 0.5 * rtol * torch.linalg.eigvalsh(found[0].T @ found[0]).max().item()
+    if not certified:
+        validate_psd(x, name, rtol)
     floor = -rtol * torch.linalg.matrix_norm(x).item()
     if values.min().item() < floor:
         raise InvalidFactorError(f"the new {name} factor is not positive semi-definite in the prior's basis (a "

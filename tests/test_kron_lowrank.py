@@ -1,0 +1,99 @@
+"""zoo.kron.lowrank: the O(n²r) diag(TᵀXT) of a low-rank factor, against the dense product."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zoo.errors import InvalidFactorError
+from zoo.kron import KronPrecision, extend
+from zoo.kron.lowrank import ROUNDING_MULTIPLE, congruence_diagonal, pivoted_cholesky
+
+EPS64 = torch.finfo(torch.float64).eps
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def basis(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+
+
+def gram(n: int, rank: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, rank, generator=g, dtype=torch.float64) * torch.logspace(0, -3, rank, dtype=torch.float64)
+    return x @ x.T
+
+
+def test_low_rank_factor_takes_the_root_and_matches_the_dense_diagonal() -> None:
+    x, t = gram(200, 5, 0), basis(200, 1)
+    values, found = congruence_diagonal(x, t, EPS64)
+    assert found is not None and found[0].shape == (200, 5)
+    torch.testing.assert_close(values, (t.T @ x @ t).diagonal(), rtol=0, atol=1e-12 * x.norm().item())
+    root = pivoted_cholesky(x, 1e-12 * x.diagonal().max().item(), 20)
+    assert root is not None and root.shape == (200, 5)
+
+
+def test_float32_rounding_noise_stays_within_the_documented_error() -> None:
+    """A float32-accumulated Gram matrix is full rank at rounding level; the root still applies, within
+    ROUNDING_MULTIPLE·eps·‖X‖_F per entry (T orthonormal); judged as float64 it is not low rank."""
+    g = torch.Generator().manual_seed(2)
+    rows = torch.randn(7, 300, generator=g)
+    x = (rows.T @ rows).double()  # float32 product: rounding noise in every entry
+    x = (x + x.T) / 2
+    t = basis(300, 3)
+    dense = (t.T @ x @ t).diagonal()
+    values, found = congruence_diagonal(x, t, EPS32)
+    assert found is not None and found[0].shape[1] == 7
+    assert (values - dense).abs().max().item() <= found[1] <= ROUNDING_MULTIPLE * EPS32 * x.norm().item()
+    values, found = congruence_diagonal(x, t, EPS64)
+    assert found is None
+    torch.testing.assert_close(values, dense)
+
+
+def test_full_rank_factor_falls_back_to_the_dense_product() -> None:
+    x, t = gram(64, 64, 4), basis(64, 5)
+    values, found = congruence_diagonal(x, t, EPS64)
+    assert found is None
+    torch.testing.assert_close(values, (t.T @ x @ t).diagonal())
+    assert pivoted_cholesky(x, 1e-12, 8) is None
+
+
+def test_damped_prior_extension_with_a_wide_low_rank_factor_matches_dense() -> None:
+    inn, out = 48, 3
+    prior = KronPrecision([(gram(inn, inn, 6) + torch.eye(inn, dtype=torch.float64), gram(out, out, 7))], [1.0],
+                          damping=0.3)
+    a, g = gram(inn, 2, 8), gram(out, out, 9)
+    q = extend(prior, a, g, scale=2.0, prior_scale=0.5)
+    dq = q.decomposition()
+    tk = torch.kron(dq.side_in.T, dq.side_out.T)
+    target = 2.0 * torch.kron(a, g) + 0.5 * prior.dense()
+    torch.testing.assert_close(dq.diagonal().T.reshape(-1), (tk.T @ target @ tk).diagonal())
+
+
+def test_an_indefinite_new_factor_is_refused_on_either_route() -> None:
+    inn, out = 48, 3
+    prior = KronPrecision([(gram(inn, inn, 10) + torch.eye(inn, dtype=torch.float64), gram(out, out, 11))], [1.0],
+                          damping=0.3)
+    v = torch.zeros(inn, dtype=torch.float64)
+    v[0] = 1.0
+    shifted = gram(inn, inn, 13) - 5.0 * torch.eye(inn, dtype=torch.float64)
+    for a in (gram(inn, 2, 12) - 0.5 * torch.outer(v, v), shifted):
+        with pytest.raises(InvalidFactorError, match="positive semi-definite"):
+            extend(prior, a, gram(out, out, 14))
+
+
+def test_an_accepted_root_certifies_the_factor_without_a_cholesky(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cost saved is real: a wide low-rank A needs neither the dense product nor the n³/3 Cholesky check."""
+    inn, out = 96, 3
+    prior = KronPrecision([(gram(inn, inn, 15) + torch.eye(inn, dtype=torch.float64), gram(out, out, 16))], [1.0],
+                          damping=0.3)
+    prior.decomposition()
+    cholesky = torch.linalg.cholesky_ex
+
+    def small_only(x: torch.Tensor, *args: object, **kwargs: object) -> object:
+        assert x.shape[-1] != inn, "the wide factor was checked by a dense Cholesky"
+        return cholesky(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", small_only)
+    q = extend(prior, gram(inn, 3, 17), gram(out, out, 18))
+    assert torch.isfinite(q.decomposition().diagonal()).all()
