@@ -13,7 +13,7 @@ noise; if none does, the largest is taken and the record says so.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -38,7 +38,8 @@ def predictive_probs(mean: Tensor, deviations: Tensor, t: float) -> Tensor:
 
 
 def _linear_parts(
-    gaussian: Prior, batches: Iterable[Any], mode: str, samples: int, generator: torch.Generator, empty: str
+    gaussian: Prior, batches: Iterable[Any], mode: str, samples: int, generator: torch.Generator, empty: str,
+    spans: Mapping[str, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(labels, mean logits, deviations) of every batch, one pass of draws for a whole grid of widths."""
     xs, ys = [], []
@@ -47,7 +48,8 @@ def _linear_parts(
         ys.append(torch.as_tensor(batch[1]))
     if not xs:
         raise DataError(empty)
-    mean, deviations = Predictor(gaussian, mode=mode, samples=samples, generator=generator).linear_parts(torch.cat(xs))
+    predictor = Predictor(gaussian, mode=mode, samples=samples, generator=generator, spans=spans)
+    mean, deviations = predictor.linear_parts(torch.cat(xs))
     return torch.cat(ys).long(), mean, deviations
 
 
@@ -103,8 +105,11 @@ def select_width(
     samples: int,
     generator: torch.Generator,
     grid: Sequence[float] = WIDTH_GRID,
+    spans: Mapping[str, Tensor] | None = None,
 ) -> tuple[float, dict[str, Any]]:
     """The widest T (covariance × T) whose predictive the training data do not reject.
+
+    `spans` (Predictor) must come from these very batches' layer inputs; they make the draws cheaper, not different.
 
     With 5–100 examples no bound and no held-out split can say how wide Q may be (at one shot per class every
     held-out image belongs to a class its fold never saw), and the Laplace evidence prefers widths whose
@@ -115,7 +120,7 @@ def select_width(
     not a per-example, slack: five images can rule out far less than a hundred.
     """
     y, mean, deviations = _linear_parts(gaussian, batches, mode, samples, generator,
-                                        "the training loader yielded no batches to choose the width on")
+                                        "the training loader yielded no batches to choose the width on", spans)
     net = torch.softmax(mean.double(), dim=-1)
     reference = {"accuracy": metrics.accuracy(net, y), "nll": metrics.nll(net, y)}
     rows = []

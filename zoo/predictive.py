@@ -116,9 +116,14 @@ class Predictor:
         seed: int = 0,
         generator: torch.Generator | None = None,
         batch_size: int = 256,
+        spans: Mapping[str, Tensor] | None = None,
     ) -> None:
+        """`spans` (glm only) projects each named Kronecker layer's draws onto the inputs it will see (Prior.sample):
+        the deviations are then exact only on the images those spans were taken from, e.g. a training set."""
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
             raise ConfigError(f"samples must be a positive integer, got {samples!r}")
+        if spans is not None and check_mode(mode) != "glm":
+            raise ConfigError("input spans are exact only for the linearised predictive; use mode='glm'")
         model = getattr(gaussian, "model", None)
         if model is None:
             raise ModelError("this Gaussian does not know its network; load it with zoo.load (which sets .model)")
@@ -135,7 +140,7 @@ class Predictor:
             self._z = z
         else:
             mean = {k: v for k, v in model.named_parameters() if k in gaussian.mean}
-            self._draws = [_like(gaussian.sample(model, gen), mean) for _ in range(samples)]
+            self._draws = [_like(gaussian.sample(model, gen, spans=spans), mean) for _ in range(samples)]
             if self.mode == "glm":
                 self._draws = [{k: d[k] - mean[k].detach() for k in d} for d in self._draws]
 

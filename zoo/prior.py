@@ -114,15 +114,20 @@ class Prior:
                 total = total + lam * (p - self._mean_of(name, local).to(p)).square().sum().to(total)
         return total
 
-    def sample(self, model: nn.Module, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        """One draw θ ~ N(μ, Λ⁻¹) as {parameter name: tensor}, seeded by `generator`."""
+    def sample(self, model: nn.Module, generator: torch.Generator | None = None,
+               spans: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """One draw θ ~ N(μ, Λ⁻¹) as {parameter name: tensor}, seeded by `generator`.
+
+        `spans` ({Kronecker layer: in × r orthonormal Q}) projects those layers' deviations onto the inputs in
+        span(Q) (KronPrecision.sample): exact for a linearised predictive evaluated on those inputs only."""
         modules = dict(model.named_modules())
         out: dict[str, Tensor] = {}
         for name, layer in self.layers.items():
             module = _module(modules, name)
             prefix = f"{name}." if name else ""
             if isinstance(layer, KronLayer):
-                draw = layer.precision.sample(1, generator=generator, dtype=torch.float32)[0]
+                span = None if spans is None else spans.get(name)
+                draw = layer.precision.sample(1, generator=generator, dtype=torch.float32, span=span)[0]
                 dev = module.weight.device
                 full = self._layer_mean(name, module).float().to(dev) + draw.to(dev)
                 out.update({prefix + k: v for k, v in split_matrix(module, full).items()})

@@ -150,13 +150,30 @@ class Decomposition:
         dg = self.side_out.T.square().sum(0)
         return dg @ (1.0 / self.positive_diagonal()) @ da
 
-    def sample(self, n: int, generator: torch.Generator | None, dtype: torch.dtype | None = None) -> Tensor:
-        """n draws from N(0, Λ⁻¹): Z scaled by D^{-1/2}, rotated once per side (2 matmuls)."""
+    def sample(self, n: int, generator: torch.Generator | None, dtype: torch.dtype | None = None,
+               span: Tensor | None = None) -> Tensor:
+        """n draws from N(0, Λ⁻¹): Z scaled by D^{-1/2}, rotated once per side (2 matmuls).
+
+        With `span` (in × r, orthonormal columns Q) the draws are projected on the input side, W·QQᵀ, from the
+        same Z: what any input in span(Q) sees of them, at r/in of the input side's cost."""
         out, inn = self.shape
         dt = dtype or self.dtype
         t_out, t_in, scale = self._single_sampler if dt == torch.float32 else self._sampler(dt)
         z = torch.randn((n, out, inn), generator=generator, dtype=dt, device=self.device)
-        return t_out @ (z * scale) @ t_in.mT
+        if span is None:
+            return t_out @ (z * scale) @ t_in.mT
+        q, rotated = self._span(span, dt)
+        return t_out @ ((z * scale) @ rotated) @ q.mT
+
+    def _span(self, span: Tensor, dt: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(Q, T_inᵀQ) in `dt`, computed once per span (a width selection draws 16 times through it)."""
+        cache = self.__dict__.setdefault("_spans", {})
+        hit = cache.get((id(span), dt))
+        if hit is None or hit[0] is not span:
+            q = span.to(self.side_in.T)
+            hit = (span, q.to(dt), (self.side_in.T.mT @ q).to(dt))
+            cache[(id(span), dt)] = hit
+        return hit[1], hit[2]
 
     def _sampler(self, dt: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
         return self.side_out.T.to(dt), self.side_in.T.to(dt), self.positive_diagonal().rsqrt().to(dt)

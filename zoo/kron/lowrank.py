@@ -65,3 +65,11 @@ def congruence_diagonal(x: Tensor, t: Tensor, eps: float) -> tuple[Tensor, tuple
     if found is None:
         return ((x @ t) * t).sum(0), None
     return (t.T @ found[0]).square().sum(1), found
+
+
+def input_span(a: Tensor, eps: float) -> Tensor | None:
+    """An orthonormal basis (in × r) of the inputs whose second moment is the K-FAC factor A, when A has a low-rank
+    root (low_rank_root), else None. Every input a layer saw while A was accumulated lies in it, up to A's rounding."""
+    x = a.detach().double()
+    found = low_rank_root((x + x.T) / 2, eps)
+    return None if found is None else torch.linalg.qr(found[0]).Q
