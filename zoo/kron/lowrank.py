@@ -64,7 +64,7 @@ def congruence_diagonal(x: Tensor, t: Tensor, eps: float) -> tuple[Tensor, tuple
     found = low_rank_root(x, eps)
     if found is None:
         return ((x @ t) * t).sum(0), None
-    return (t.T @ found[0]).square().sum(1), found
+    return (found[0].mT @ t).square().sum(0), found  # LᵀT, not TᵀL: a transposed square T is a slow path
 
 
 def input_span(a: Tensor, eps: float) -> Tensor | None:
