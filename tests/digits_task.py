@@ -12,7 +12,7 @@ import functools
 import itertools
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import timm
@@ -97,11 +97,12 @@ def upstream_prior_dir(epochs: int = 8, seed: int = 0, lam: float | None = PRIOR
     return prior.save(str(root / "prior"), model=model)
 
 
-def class_split(y: torch.Tensor, cut: Callable[[int], int],
-                g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of digits 5–9: per class a seeded permutation, cut(count) of it in the first part, the rest after."""
+def class_split(y: torch.Tensor, cut: Callable[[int], int], g: torch.Generator,
+                classes: Iterable[int] = range(CLASSES, 2 * CLASSES)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of `classes` (default digits 5–9): per class a seeded permutation, cut(count) of it in the first
+    part, the rest after."""
     first, rest = [], []
-    for k in range(CLASSES, 2 * CLASSES):
+    for k in classes:
         idx = torch.nonzero(y == k).flatten()
         idx = idx[torch.randperm(idx.numel(), generator=g)]
         first.append(idx[:cut(idx.numel())])

@@ -177,6 +177,38 @@ def test_new_head_gets_an_isotropic_prior(built) -> None:
     assert isinstance(same_size.layers[head], IsoLayer)
 
 
+def test_a_replaced_head_lives_where_the_network_does(built) -> None:
+    """timm builds a new classifier in float32 on the CPU; a float64 (or GPU) network must get one like itself,
+    and the head's prior mean stays on the CPU with the rest of the Gaussian."""
+    from zoo.continual import set_head
+    from zoo.loading import replace_head
+
+    model, prior, _ = built
+    model = tiny_model()
+    model.load_state_dict(built[0].state_dict())
+    model.double()
+    head = model.pretrained_cfg["classifier"]
+    new = replace_head(model, prior, 3, 1.0)
+    assert model.get_classifier().weight.dtype == torch.float64
+    assert new.mean[f"{head}.weight"].device.type == "cpu"
+    assert model(torch.randn(2, 3, 16, 16, dtype=torch.float64)).shape == (2, 3)
+    set_head(model, {"weight": torch.zeros(5, model.get_classifier().in_features, dtype=torch.float64),
+                     "bias": torch.zeros(5, dtype=torch.float64)})
+    assert model.get_classifier().weight.dtype == torch.float64
+    assert model(torch.randn(2, 3, 16, 16, dtype=torch.float64)).shape == (2, 5)
+
+
+def test_kl_by_layer_sums_to_the_kl(built) -> None:
+    model, prior, _ = built
+    moved = tiny_model(seed=1)
+    wider = prior.scaled(dict.fromkeys(prior.layers, 0.5))
+    other = zoo.Prior({k: v + 0.01 for k, v in prior.mean.items()}, dict(wider.layers), {}, model=moved)
+    parts = other.kl_by_layer(prior)
+    assert set(parts) == set(prior.layers)
+    assert all(v > 0 for v in parts.values())
+    assert sum(parts.values()) == pytest.approx(other.kl(prior).item(), rel=1e-12)
+
+
 def test_tampered_or_mismatched_files_are_refused(built, tmp_path: Path) -> None:
     _, _, path = built
     import shutil

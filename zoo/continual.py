@@ -34,7 +34,7 @@ from zoo.kron import KronPrecision
 from zoo.kron.approx import APPROXIMATIONS
 from zoo.kron.chain import add_term, dense_kl, leading_term, relative_error, without_cached_eigh
 from zoo.layers import DiagLayer, KronLayer, Layer
-from zoo.loading import replace_head
+from zoo.loading import replace_head, reset_classifier
 from zoo.posterior import Posterior
 from zoo.prior import Prior
 
@@ -114,7 +114,7 @@ def set_head(model: nn.Module, state: Mapping[str, Tensor]) -> None:
     name = head_name(model)
     classes = int(state["weight"].shape[0])
     if getattr(model, "num_classes", None) != classes:
-        model.reset_classifier(classes)
+        reset_classifier(model, classes)
     head = dict(model.named_modules())[name]
     with torch.no_grad():
         for k, v in state.items():
@@ -204,7 +204,7 @@ def learn_chain(
     records: list[TaskRecord] = []
     for t, task in enumerate(tqdm(tasks, desc="continual tasks", unit="task", disable=not progress)):
         t0 = time.perf_counter()
-        mean = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+        mean = {k: v.detach().cpu().clone() for k, v in model.named_parameters() if v.requires_grad}
         base = Prior(mean, carried, meta, model=model)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen).item()))
@@ -238,7 +238,7 @@ def learn_chain(
         if after_task is not None:
             after_task(t, model, heads)
             set_head(model, heads[-1])
-    final = Prior({k: v.detach().clone() for k, v in model.named_parameters() if not is_head(k, head)},
+    final = Prior({k: v.detach().cpu().clone() for k, v in model.named_parameters() if not is_head(k, head)},
                   carried, meta, model=model)
     return ChainResult(model, posteriors, heads, records, final)
 

@@ -75,12 +75,24 @@ def create_model(root: os.PathLike[str], config: dict[str, Any]) -> nn.Module:
     return timm.create_model(arch, pretrained=False, pretrained_cfg_overlay=overlay, **kwargs)
 
 
+def reset_classifier(model: nn.Module, num_classes: int) -> None:
+    """timm's reset_classifier, with the new head on the device and dtype of the rest of the network.
+
+    timm builds the new layer on the CPU in float32, so a model already moved to a GPU would fail at its first
+    forward pass."""
+    first = next(model.parameters(), None)
+    model.reset_classifier(num_classes)
+    head = dict(model.named_modules()).get(model.pretrained_cfg.get("classifier", ""))
+    if first is not None and head is not None:
+        head.to(device=first.device, dtype=first.dtype)
+
+
 def replace_head(model: nn.Module, prior: Prior, num_classes: int, lam: float) -> Prior:
     """A fresh classifier with an N(0, λ⁻¹I) prior; every other layer keeps the pretrained prior."""
     head_name = model.pretrained_cfg.get("classifier")
     if not head_name or not hasattr(model, "reset_classifier"):
         raise ConfigError("this model has no classifier that timm can reset; pass num_classes=None")
-    model.reset_classifier(num_classes)
+    reset_classifier(model, num_classes)
     modules = dict(model.named_modules())
     head = modules.get(head_name)
     if head is None:
@@ -88,7 +100,7 @@ def replace_head(model: nn.Module, prior: Prior, num_classes: int, lam: float) -
     params = tuple(k for k, p in head.named_parameters(recurse=False) if p.requires_grad)
     mean = {k: v for k, v in prior.mean.items() if not (k == head_name or k.startswith(head_name + "."))}
     for local in params:
-        mean[f"{head_name}.{local}"] = torch.zeros_like(getattr(head, local).detach())
+        mean[f"{head_name}.{local}"] = torch.zeros_like(getattr(head, local).detach(), device="cpu")
     names = [n for n in prior.layers if n != head_name and not n.startswith(head_name + ".")] + [head_name]
     old = prior.layers
     new_head = IsoLayer(float(lam), params)

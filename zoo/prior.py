@@ -191,6 +191,13 @@ class Prior:
             total = total + _layer_kl(self, other, name).cpu()
         return total
 
+    def kl_by_layer(self, other: Prior) -> dict[str, float]:
+        """KL(self ‖ other) per module, to see which layers a certificate pays for (they sum to `kl`)."""
+        if set(self.layers) != set(other.layers):
+            missing = sorted(set(self.layers) ^ set(other.layers))[:5]
+            raise ModelError(f"the two Gaussians cover different modules (e.g. {missing}); they are not comparable")
+        return {name: float(_layer_kl(self, other, name)) for name in self.layers}
+
 
 def _module(modules: dict[str, nn.Module], name: str) -> nn.Module:
     if name not in modules:

@@ -168,6 +168,7 @@ def learn_progressive(
     base_args = {k: v for k, v in dict(getattr(model, "_model_args", {})).items()
                  if k not in ("num_classes", "global_pool", "pretrained_cfg_overlay")}
     body_state = {k: v for k, v in model.state_dict().items() if not is_head(k, head)}
+    device = next(model.parameters()).device
     body_layers = {n: prior.layers[n] for n in prior.layers if not is_head(n, head)}
     body_mean = {k: v for k, v in prior.mean.items() if not is_head(k, head)}
 
@@ -186,6 +187,7 @@ def learn_progressive(
             if any(not k.startswith((f"columns.{t}.", f"heads.{t}.")) for k in missing):
                 raise ModelError(f"growing the network lost earlier weights ({missing[:3]}); report this")
         grown.columns[t].load_state_dict(body_state, strict=True)
+        grown.to(device)  # where the prior's network runs (timm builds the columns on the CPU)
         grown.eval()
         net = grown
         column_prior = _column_prior(net, t, body_mean, body_layers, meta, lam)
@@ -223,6 +225,6 @@ def _column_prior(net: ProgressiveNet, t: int, mean: Mapping[str, Tensor], layer
     column_layers: dict[str, Layer] = {prefix + n if n else prefix[:-1]: layer for n, layer in layers.items()}
     head = net.heads[t]
     column_layers[f"heads.{t}"] = IsoLayer(lam, ("weight", "bias"))
-    column_mean[f"heads.{t}.weight"] = torch.zeros_like(head.weight.detach())
-    column_mean[f"heads.{t}.bias"] = torch.zeros_like(head.bias.detach())
+    column_mean[f"heads.{t}.weight"] = torch.zeros_like(head.weight.detach(), device="cpu")
+    column_mean[f"heads.{t}.bias"] = torch.zeros_like(head.bias.detach(), device="cpu")
     return Prior(column_mean, column_layers, dict(meta, head="replaced: N(0, λ⁻¹I)"), model=net)
