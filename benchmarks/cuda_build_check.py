@@ -65,7 +65,12 @@ def main() -> None:
         kl = loaded.kl(loaded).item()
         size = sum(f.stat().st_size for f in path.iterdir()) / 2**20
         print(f"saved {size:.1f} MiB, reloaded: KL(self‖self) = {kl:.2e}")
+        cpu_draw = loaded.sample(loaded_model, torch.Generator().manual_seed(0))
         loaded_model = loaded_model.to(dev)
+        dev_draw = loaded.sample(loaded_model, torch.Generator().manual_seed(0))
+        worst = max(float((dev_draw[k].cpu() - v).norm() / v.norm()) for k, v in cpu_draw.items())
+        print(f"a draw rotated on {dev} against the same noise on the CPU: max relative error {worst:.1e}")
+        assert worst < 1e-4, worst
         q = loaded.quadratic(loaded_model).item()
         print(f"quadratic at the loaded weights on {dev}: {q:.4g} (head only, N(0, λ⁻¹I))")
         assert np.isfinite(q) and abs(kl) < 1e-9

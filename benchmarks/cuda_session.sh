@@ -21,8 +21,8 @@ DEVICE=${DEVICE:-cuda}
 PY=${PY:-python3}
 CERT_ARGS=${CERT_ARGS:-}   # e.g. "--epochs 1 --cert-samples 4" to rehearse on a CPU
 CONT_ARGS=${CONT_ARGS:-}   # e.g. "--epochs 1 --shots 4"
-RES=/tmp/zoo-results
-WORK=/tmp/zoo-work
+RES=${RES:-/tmp/zoo-results}
+WORK=${WORK:-/tmp/zoo-work}
 mkdir -p "$OUT" "$RES" "$WORK"
 start=$(date +%s)
 left() { local l=$((DEADLINE - ($(date +%s) - start))); echo $((l > 1 ? l : 1)); }
@@ -48,10 +48,12 @@ import continual
 from imagenet_task import build_imagenet_prior, with_digit_statistics
 t0 = time.perf_counter()
 root = Path(os.environ["WORK"])
-prior_dir, used = build_imagenet_prior(root, device=os.environ["DEVICE"],
-                                      crops_per_image=int(os.environ.get("CROPS", "24")))
-print("built", prior_dir, json.dumps(used, default=str), f"{time.perf_counter() - t0:.1f} s", flush=True)
-continual.ARCH, continual.SIZE = continual.NETWORKS["lite0"]
+prior_dir = root / "imagenet-prior"
+if not (prior_dir / "prior_config.json").is_file():  # a prior left by an earlier run is reused
+    prior_dir, used = build_imagenet_prior(root, device=os.environ["DEVICE"],
+                                          crops_per_image=int(os.environ.get("CROPS", "24")))
+    print("built", prior_dir, json.dumps(used, default=str), f"{time.perf_counter() - t0:.1f} s", flush=True)
+continual.ARCH, continual.SIZE, _ = continual.NETWORKS["lite0"]
 (x, _), _ = continual.split(0, 1, 0.3)
 print("continual prior", with_digit_statistics(prior_dir, x, root / "continual-prior"),
       f"{time.perf_counter() - t0:.1f} s", flush=True)

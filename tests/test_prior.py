@@ -183,9 +183,9 @@ def test_a_replaced_head_lives_where_the_network_does(built) -> None:
     from zoo.continual import set_head
     from zoo.loading import replace_head
 
-    model, prior, _ = built
+    trained, prior, _ = built
     model = tiny_model()
-    model.load_state_dict(built[0].state_dict())
+    model.load_state_dict(trained.state_dict())
     model.double()
     head = model.pretrained_cfg["classifier"]
     new = replace_head(model, prior, 3, 1.0)
@@ -199,7 +199,7 @@ def test_a_replaced_head_lives_where_the_network_does(built) -> None:
 
 
 def test_kl_by_layer_sums_to_the_kl(built) -> None:
-    model, prior, _ = built
+    _, prior, _ = built
     moved = tiny_model(seed=1)
     wider = prior.scaled(dict.fromkeys(prior.layers, 0.5))
     other = zoo.Prior({k: v + 0.01 for k, v in prior.mean.items()}, dict(wider.layers), {}, model=moved)

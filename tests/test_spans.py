@@ -27,6 +27,22 @@ def test_projected_draws_are_the_full_draws_times_the_projector() -> None:
         p.sample(1, span=q[:5])
 
 
+def test_draws_are_rotated_on_the_requested_device_from_the_same_noise() -> None:
+    """A CPU generator's noise, rotated where the network runs (PyTorch's shape-only "meta" device stands in for a
+    GPU here; benchmarks/cuda_build_check.py compares the values on a real one). float64 draws stay exact."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(12, 12, generator=g, dtype=torch.float64)
+    gg = torch.randn(3, 3, generator=g, dtype=torch.float64)
+    p = KronPrecision([(a @ a.T + torch.eye(12, dtype=torch.float64), gg @ gg.T + torch.eye(3, dtype=torch.float64))])
+    q = torch.linalg.qr(torch.randn(12, 4, generator=g, dtype=torch.float64)).Q
+    for span in (None, q):
+        here = p.sample(2, torch.Generator().manual_seed(1), dtype=torch.float64, span=span)
+        same = p.sample(2, torch.Generator().manual_seed(1), dtype=torch.float64, span=span, device="cpu")
+        assert torch.equal(here, same)
+        there = p.sample(2, torch.Generator().manual_seed(1), dtype=torch.float32, span=span, device="meta")
+        assert there.device.type == "meta" and there.shape == (2, 3, 12) and there.dtype == torch.float32
+
+
 @pytest.fixture(scope="module")
 def conv_posterior() -> tuple[zoo.Prior, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """A tiny conv net whose 73-wide conv input sees 8 patches on two images: a low-rank input factor."""

@@ -127,9 +127,9 @@ class Prior:
             prefix = f"{name}." if name else ""
             if isinstance(layer, KronLayer):
                 span = None if spans is None else spans.get(name)
-                draw = layer.precision.sample(1, generator=generator, dtype=torch.float32, span=span)[0]
-                dev = module.weight.device
-                full = self._layer_mean(name, module).float().to(dev) + draw.to(dev)
+                dev = module.weight.device  # rotated where the network runs: on a GPU, 2 matmuls there per layer
+                draw = layer.precision.sample(1, generator=generator, dtype=torch.float32, span=span, device=dev)[0]
+                full = self._layer_mean(name, module).float().to(dev) + draw
                 out.update({prefix + k: v for k, v in split_matrix(module, full).items()})
             elif isinstance(layer, DiagLayer):
                 for local, prec in layer.precision.items():

@@ -151,33 +151,52 @@ class Decomposition:
         return dg @ (1.0 / self.positive_diagonal()) @ da
 
     def sample(self, n: int, generator: torch.Generator | None, dtype: torch.dtype | None = None,
-               span: Tensor | None = None) -> Tensor:
+               span: Tensor | None = None, device: torch.device | str | None = None) -> Tensor:
         """n draws from N(0, Λ⁻¹): Z scaled by D^{-1/2}, rotated once per side (2 matmuls).
 
         With `span` (in × r, orthonormal columns Q) the draws are projected on the input side, W·QQᵀ, from the
-        same Z: what any input in span(Q) sees of them, at r/in of the input side's cost."""
+        same Z: what any input in span(Q) sees of them, at r/in of the input side's cost.
+
+        `device` (default: where the decomposition lives) is where the rotation runs and the draws land. Z comes
+        from `generator` on the generator's own device and moves there, so a CPU generator gives the same draws
+        on any device (up to the matmuls' rounding); the rotation bases are copied to `device` once and cached."""
         out, inn = self.shape
         dt = dtype or self.dtype
-        t_out, t_in, scale = self._single_sampler if dt == torch.float32 else self._sampler(dt)
-        z = torch.randn((n, out, inn), generator=generator, dtype=dt, device=self.device)
+        target = self.device if device is None else torch.device(device)
+        t_out, t_in, scale = self._sampler_on(dt, target)
+        source = generator.device if generator is not None else target
+        z = torch.randn((n, out, inn), generator=generator, dtype=dt, device=source).to(target)
         if span is None:
             return t_out @ (z * scale) @ t_in.mT
-        q, rotated = self._span(span, dt)
+        q, rotated = self._span(span, dt, target)
         return t_out @ ((z * scale) @ rotated) @ q.mT
 
-    def _span(self, span: Tensor, dt: torch.dtype) -> tuple[Tensor, Tensor]:
-        """(Q, T_inᵀQ) in `dt`, computed once per span (a width selection draws 16 times through it)."""
+    def _span(self, span: Tensor, dt: torch.dtype, target: torch.device) -> tuple[Tensor, Tensor]:
+        """(Q, T_inᵀQ) in `dt` on `target`, computed once per span (a width selection draws 16 times through it)."""
         cache = self.__dict__.setdefault("_spans", {})
-        hit = cache.get((id(span), dt))
+        hit = cache.get((id(span), dt, target))
         if hit is None or hit[0] is not span:
             q = span.to(self.side_in.T)
-            hit = (span, q.to(dt), (q.mT @ self.side_in.T).mT.to(dt))  # Tᵀ·Q as (QᵀT)ᵀ: a thin Q after a
-            # transposed square T took a slow path (1.18 s against 0.09 s at 4608 × 5, measured)
-            cache[(id(span), dt)] = hit
+            hit = (span, q.to(target, dt), (q.mT @ self.side_in.T).mT.to(target, dt))  # Tᵀ·Q as (QᵀT)ᵀ: a thin
+            # Q after a transposed square T took a slow path (1.18 s against 0.09 s at 4608 × 5, measured)
+            cache[(id(span), dt, target)] = hit
         return hit[1], hit[2]
 
     def _sampler(self, dt: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
         return self.side_out.T.to(dt), self.side_in.T.to(dt), self.positive_diagonal().rsqrt().to(dt)
+
+    def _sampler_on(self, dt: torch.dtype, target: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """The rotation bases in `dt` on `target`: float32 ones cached (per device), others converted per call."""
+        if dt != torch.float32:
+            t_out, t_in, scale = self._sampler(dt)
+            return t_out.to(target), t_in.to(target), scale.to(target)
+        if target == self.device:
+            return self._single_sampler
+        cache = self.__dict__.setdefault("_device_samplers", {})
+        if target not in cache:
+            t_out, t_in, scale = self._single_sampler
+            cache[target] = (t_out.to(target), t_in.to(target), scale.to(target))
+        return cache[target]
 
     @cached_property
     def _single_sampler(self) -> tuple[Tensor, Tensor, Tensor]:

@@ -208,15 +208,16 @@ class KronPrecision:
         return self.decomposition().trace_inv(a, g)
 
     def sample(self, n: int, generator: torch.Generator | None = None, dtype: torch.dtype | None = None,
-               span: Tensor | None = None) -> Tensor:
+               span: Tensor | None = None, device: torch.device | str | None = None) -> Tensor:
         """n draws from N(0, Λ⁻¹), shape (n, out, in); two matmuls per draw, seeded by `generator`.
 
-        `span` (in × r, orthonormal columns) projects the draws on the input side (Decomposition.sample)."""
+        `span` (in × r, orthonormal columns) projects the draws on the input side; `device` is where they are
+        rotated and returned, the same draws as on the CPU for a CPU generator (Decomposition.sample)."""
         if int(n) != n or n < 0:
             raise ConfigError(f"the number of samples must be a non-negative integer, got {n}")
         if span is not None and (span.ndim != 2 or span.shape[0] != self.shape[1]):
             raise ConfigError(f"an input span must be ({self.shape[1]}, r), got {tuple(span.shape)}")
-        return self.decomposition().sample(int(n), generator, dtype, span)
+        return self.decomposition().sample(int(n), generator, dtype, span, device)
 
     def _check_matrix(self, v: Tensor, name: str) -> Tensor:
         if not isinstance(v, Tensor) or v.ndim < 2 or tuple(v.shape[-2:]) != self.shape:
