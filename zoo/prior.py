@@ -133,12 +133,12 @@ class Prior:
                 out.update({prefix + k: v for k, v in split_matrix(module, full).items()})
             elif isinstance(layer, DiagLayer):
                 for local, prec in layer.precision.items():
-                    noise = torch.randn(prec.shape, generator=generator, dtype=torch.float32)
+                    noise = _noise(prec.shape, generator).to(prec.device)
                     out[prefix + local] = self._mean_of(name, local).float() + noise * prec.float().rsqrt()
             else:
                 for local in layer.params:
                     shape = getattr(module, local).shape
-                    noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+                    noise = _noise(shape, generator)
                     out[prefix + local] = noise / math.sqrt(layer.lam)
         return out
 
@@ -231,3 +231,9 @@ def _layer_kl(q: Prior, p: Prior, name: str) -> Tensor:
             total = total + 0.5 * (mq.numel() * (r - 1 - math.log(r)) + lp.lam * mq.square().sum())
         return total
     raise ArtifactError(f"cannot compare a {type(lq).__name__} with a {type(lp).__name__} at module {name!r}")
+
+
+def _noise(shape: torch.Size, generator: torch.Generator | None) -> Tensor:
+    """float32 N(0, I) drawn where its generator lives (a CUDA generator cannot fill a CPU tensor)."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    return torch.randn(shape, generator=generator, dtype=torch.float32, device=device)
