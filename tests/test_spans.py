@@ -56,11 +56,11 @@ def conv_posterior() -> tuple[zoo.Prior, torch.Tensor, torch.Tensor, dict[str, t
     train = [(x[30:32], y[30:32])]
     blocks = kfac(model, train, "mc", progress=False, dtype=torch.float64)
     spans = training_spans(blocks, dict(prior.layers), "expand")
-    return prior, x[30:32], x[32:], spans
+    return prior, x[30:32], x[32:], spans, blocks, model
 
 
 def test_spans_leave_the_training_deviations_unchanged_and_only_those(conv_posterior) -> None:
-    prior, train_x, other_x, spans = conv_posterior
+    prior, train_x, other_x, spans, _, _ = conv_posterior
     assert {k: tuple(v.shape) for k, v in spans.items()} == {"0": (73, 8), "3": (17, 2)}
     assert training_spans({}, dict(prior.layers), "reduce") == {}
 
@@ -72,3 +72,22 @@ def test_spans_leave_the_training_deviations_unchanged_and_only_those(conv_poste
     assert not torch.allclose(parts(other_x, spans), parts(other_x, None), rtol=1e-2, atol=1e-3)
     with pytest.raises(ConfigError, match="glm"):
         Predictor(prior, mode="nn", samples=2, spans=spans)
+
+
+def test_spans_reuse_the_root_the_extension_found(conv_posterior, monkeypatch: pytest.MonkeyPatch) -> None:
+    """posterior_pieces' extension already searched every new input factor for a low-rank root; the spans are built
+    from it (bit for bit the same as searching again), and no second search runs."""
+    import zoo.tuning
+
+    prior, _, _, spans, blocks, model = conv_posterior
+    pieces = zoo.tuning.posterior_pieces(model, prior, blocks)
+    assert {k for k, q in pieces.unit.items() if getattr(q, "new_input_root", None) is not None} == set(spans)
+
+    def searched_again(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the input factor was searched for a root twice")
+
+    monkeypatch.setattr(zoo.tuning, "input_span", searched_again)
+    reused = training_spans(blocks, dict(prior.layers), "expand", pieces.unit)
+    assert set(reused) == set(spans)
+    for name, span in spans.items():
+        assert torch.equal(reused[name], span), name

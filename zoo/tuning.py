@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -39,7 +39,7 @@ from zoo.errors import ConfigError, DataError, ModelError, NumericalError
 from zoo.head_evidence import refit_new_heads
 from zoo.kron import KronPrecision, extend, rescale_parts, split_diagonal
 from zoo.kron.exact import EIGH_FALLBACKS
-from zoo.kron.lowrank import input_span
+from zoo.kron.lowrank import input_span, span_of
 from zoo.layers import DiagLayer, IsoLayer, KronLayer, Layer, isotropic_kron, kron_matrix
 from zoo.marglik import STRENGTH_GRID, choose_strengths
 from zoo.pacbayes import catoni_grid, catoni_objective, kl_bound, map_objective, mcallester_objective
@@ -266,7 +266,8 @@ def finetune(
         temperature, width_record = select_width(laplace, train_loader, mode=check_mode(None),
                                                  samples=selection_samples * 2,
                                                  generator=torch.Generator().manual_seed(seed + 2),
-                                                 spans=training_spans(blocks, laplace_layers, approx))
+                                                 spans=training_spans(blocks, laplace_layers, approx,
+                                                                      pieces.unit))
         layers = dict(laplace.scaled(dict.fromkeys(laplace_layers, 1.0 / temperature)).layers)
         pieces = PosteriorFit(pieces.unit, pieces.params, spectra, None, blocks.n, blocks.nll_sum, by_layer)
         alphas = {sp.name: floor[_name(sp.name)] / by_layer[_name(sp.name)] for sp in spectra}
@@ -447,20 +448,28 @@ def fit_posterior(
     return PosteriorFit(pieces.unit, pieces.params, pieces.spectra, fit, blocks.n, blocks.nll_sum)
 
 
-def training_spans(blocks: Any, layers: dict[str, Layer], approx: str) -> dict[str, Tensor]:
+def training_spans(blocks: Any, layers: dict[str, Layer], approx: str,
+                   extended: Mapping[str, Any] | None = None) -> dict[str, Tensor]:
     """{Kronecker layer: orthonormal basis of its inputs on the training data}, from the K-FAC input factors.
 
     The width selection's linearised draws are evaluated on the training data only, where a layer's deviation W
     acts through W·a with a in that span: projecting the draws onto it changes none of those outputs and costs r/in
     of the input-side rotation (5 of 4608 columns on resnet10t's last convolution at one shot per class). Only the
-    "expand" factors hold every input position; "reduce" averages them, so it gets no spans."""
+    "expand" factors hold every input position; "reduce" averages them, so it gets no spans.
+
+    `extended` (layer → zoo.kron.extend's result, PosteriorFit.unit) reuses the root extend already searched for."""
     if approx != "expand":
         return {}
     spans = {}
     for name, layer in layers.items():
         block = blocks.get(name)
         if isinstance(layer, KronLayer) and isinstance(block, KronBlock):
-            span = input_span(block.A.cpu(), torch.finfo(block.A.dtype).eps)
+            searched = (extended or {}).get(name)
+            if hasattr(searched, "new_input_root"):
+                root = searched.new_input_root
+                span = None if root is None else span_of(root[0])
+            else:
+                span = input_span(block.A.cpu(), torch.finfo(block.A.dtype).eps)
             if span is not None:
                 spans[name] = span
     return spans

@@ -58,7 +58,9 @@ def extend(prior: KronPrecision, a: Tensor, g: Tensor, scale: float = 1.0, prior
     """scale·(A ⊗ G) + prior_scale·prior, with the new term's exact diagonal in the prior's decomposition.
 
     `is_exact` tells whether the result equals the dense sum (isotropic or one-term priors) or only its diagonal
-    in the prior's basis (then `approximation_error` is the measured relative Frobenius error).
+    in the prior's basis (then `approximation_error` is the measured relative Frobenius error). On that second path
+    the result's `new_input_root` holds the low-rank root (L, ‖A − LLᵀ‖_F) of A it used, or None when A has none
+    (zoo.kron.lowrank), so that callers needing A's span (zoo.tuning.training_spans) do not search again.
     """
     s, ps = _check_scale(scale, "scale"), _check_scale(prior_scale, "prior_scale")
     new = KronPrecision([(a, g)], [s], approximation="eigenbasis", check_psd=False)  # checked below, per path
@@ -77,8 +79,8 @@ def extend(prior: KronPrecision, a: Tensor, g: Tensor, scale: float = 1.0, prior
         weights=base.weights * ps, term_index=tuple(i + 1 if i >= 0 else i for i in base.term_index),
     )
     out = new + prior * ps
-    c_in = _psd_diagonal(out.A[0], base.side_in.T, "A", out._rtol)
-    c_out = _psd_diagonal(out.G[0], base.side_out.T, "G", out._rtol)
+    c_in, out.new_input_root = _psd_diagonal(out.A[0], base.side_in.T, "A", out._rtol)
+    c_out, _ = _psd_diagonal(out.G[0], base.side_out.T, "G", out._rtol)
     out._dec = Decomposition(
         side_in=shifted.side_in, side_out=shifted.side_out,
         coords_in=torch.cat([shifted.coords_in, c_in[None]]), coords_out=torch.cat([shifted.coords_out, c_out[None]]),
@@ -87,8 +89,9 @@ def extend(prior: KronPrecision, a: Tensor, g: Tensor, scale: float = 1.0, prior
     return out
 
 
-def _psd_diagonal(x: Tensor, t: Tensor, name: str, rtol: float) -> Tensor:
-    """diag(Tᵀ X T) of a PSD factor: rounding-level negatives (≥ −rtol·‖X‖_F) are zeros, anything lower raises.
+def _psd_diagonal(x: Tensor, t: Tensor, name: str, rtol: float) -> tuple[Tensor, tuple[Tensor, float] | None]:
+    """(diag(Tᵀ X T) of a PSD factor, the low-rank root it came from or None): rounding-level negatives
+    (≥ −rtol·‖X‖_F) are zeros, anything lower raises.
 
     A few-shot factor of low numerical rank takes the O(n²r) pivoted-Cholesky route (zoo.kron.lowrank), exact to
     the factor's own rounding. An accepted root L also certifies X PSD to the factor's tolerance when the remainder
@@ -102,7 +105,7 @@ def _psd_diagonal(x: Tensor, t: Tensor, name: str, rtol: float) -> Tensor:
     if values.min().item() < floor:
         raise InvalidFactorError(f"the new {name} factor is not positive semi-definite in the prior's basis (a "
                                  f"diagonal entry {values.min().item():.3g} < {floor:.3g}); check the curvature pass")
-    return torch.where(values < 0, torch.zeros_like(values), values)
+    return torch.where(values < 0, torch.zeros_like(values), values), found
 
 
 def split_diagonal(q: KronPrecision) -> tuple[Tensor, Tensor]:

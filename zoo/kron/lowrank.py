@@ -72,4 +72,9 @@ def input_span(a: Tensor, eps: float) -> Tensor | None:
     root (low_rank_root), else None. Every input a layer saw while A was accumulated lies in it, up to A's rounding."""
     x = a.detach().double()
     found = low_rank_root((x + x.T) / 2, eps)
-    return None if found is None else torch.linalg.qr(found[0]).Q
+    return None if found is None else span_of(found[0])
+
+
+def span_of(root: Tensor) -> Tensor:
+    """An orthonormal basis of the columns of a low-rank root L (n × r): the range of LLᵀ."""
+    return torch.linalg.qr(root).Q
