@@ -73,6 +73,9 @@ ROWS = {
     "learned prior + mcallester": ("mcallester", False, True),
     "default zoo.finetune (catoni), pretrained prior": ("catoni", False, False),
 }
+ROW_KEYS = dict(zip(("learned-catoni", "isotropic-catoni", "map", "learned-mcallester", "default"), ROWS,
+                    strict=True))
+"""Short names for --only (shell-friendly: no spaces)."""
 COLUMNS = ("certificate", "taylor_bound", "kl", "emp_gibbs_risk", "test_gibbs_error", "accuracy", "nll", "ece",
            "seconds")
 
@@ -232,6 +235,7 @@ def main() -> None:
     parser.add_argument("--curve-seeds", type=int, default=3, help="seeds per point of the curve")
     parser.add_argument("--curve-out", default=str(FIGURE))
     parser.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--only", nargs="+", choices=list(ROW_KEYS), help="rows by short name (overrides --rows)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--refine-epochs", type=int, default=REFINE_EPOCHS,
                         help="epochs of training Q's mean on the certified half (0: Q keeps the prior's mean)")
@@ -243,6 +247,8 @@ def main() -> None:
     parser.add_argument("--cert-samples", type=int, default=CERT_SAMPLES, help="weight draws of a certificate")
     parser.add_argument("--test-samples", type=int, default=TEST_SAMPLES, help="draws of the held-out figures")
     args = parser.parse_args()
+    if args.only:
+        args.rows = [ROW_KEYS[k] for k in args.only]
     TASK, DEVICE, EPOCHS = TASKS[args.task], args.device, args.epochs
     CERT_SAMPLES, TEST_SAMPLES = args.cert_samples, args.test_samples
     torch.set_num_threads(max(1, torch.get_num_threads()))

@@ -15,11 +15,11 @@ set -u
 OUT=${OUT:-/tmp/zoo-cuda-out}
 DEADLINE=${DEADLINE:-480}
 CERT_SEEDS=${CERT_SEEDS:-"0 1 2 3 4"}
-CONT_SEEDS=${CONT_SEEDS:-"0 1 2"}
+CONT_SEEDS=${CONT_SEEDS:-"0 1 2"}   # "" skips the continual benchmark
 CONT_GROUPS=${CONT_GROUPS:-"sequential,ewc,online-laplace,progressive chain-ekfac chain-eigenbasis chain-kronecker"}
 DEVICE=${DEVICE:-cuda}
 PY=${PY:-python3}
-CERT_ARGS=${CERT_ARGS:-}   # e.g. "--epochs 1 --cert-samples 4" to rehearse on a CPU
+CERT_ARGS=${CERT_ARGS:-}   # e.g. "--epochs 1 --cert-samples 4" to rehearse on a CPU, "--only isotropic-catoni map"
 CONT_ARGS=${CONT_ARGS:-}   # e.g. "--epochs 1 --shots 4"
 RES=${RES:-/tmp/zoo-results}
 WORK=${WORK:-/tmp/zoo-work}
