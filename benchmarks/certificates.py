@@ -49,8 +49,8 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from digits_task import CLASSES, Batches, batches, class_split, digits, gibbs_test_error
-from imagenet_task import build_imagenet_prior, digits_at
+from digits_task import CLASSES, Batches, batches, class_split, digits, digits_at, gibbs_test_error
+from imagenet_task import build_imagenet_prior
 from transfer_task import upstream
 
 import zoo

@@ -47,14 +47,15 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from digits_task import batches
-from imagenet_task import build_imagenet_prior, digits_at, with_digit_statistics
+from digits_task import batches, digits_at
+from imagenet_task import build_imagenet_prior, with_digit_statistics
 
 import zoo
 from zoo import metrics
 from zoo.continual import Task, head_state, learn_chain, set_head
 from zoo.curvature import DiagonalBlock, KronBlock, kfac
 from zoo.layers import kron_matrix
+from zoo.loading import reset_classifier
 from zoo.progressive import learn_progressive
 
 ARCH = "test_efficientnet_gn"
@@ -144,11 +145,13 @@ def build_upstream(root: Path, epochs: int = 10, share: float = 0.3) -> tuple[Pa
     return path, time.perf_counter() - t0
 
 
-def build_imagenet_upstream(root: Path, share: float = 0.3) -> tuple[Path, float]:
-    """The ImageNet lite0 prior, its BatchNorm statistics re-estimated on the upstream digits; (directory, s)."""
+def build_imagenet_upstream(root: Path, share: float = 0.3, prior_dir: Path | None = None) -> tuple[Path, float]:
+    """The ImageNet lite0 prior (`prior_dir`, else built here), its BatchNorm statistics re-estimated on the
+    upstream digits and saved under `root`; (directory, s)."""
     t0 = time.perf_counter()
     (x, _), _ = split(0, 1, share)
-    prior_dir, _ = build_imagenet_prior(root, device=str(DEVICE))
+    if prior_dir is None:
+        prior_dir, _ = build_imagenet_prior(root, device=str(DEVICE))
     return with_digit_statistics(prior_dir, x, root / "prior"), time.perf_counter() - t0
 
 
@@ -204,7 +207,7 @@ def body_params(model: nn.Module, head: str) -> dict[str, Tensor]:
 def new_head(model: nn.Module, classes: int, g: torch.Generator) -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=g).item()))
-        model.reset_classifier(classes)
+        reset_classifier(model, classes)  # on the network's device
 
 
 def kron_quadratic(model: nn.Module, state: dict[str, Any], centre: dict[str, Tensor], lam: float) -> Tensor:
@@ -249,7 +252,6 @@ def run_baseline(row: str, prior_dir: Path, tasks: list[Any], *, epochs: int, lr
         t0 = time.perf_counter()
         data = on_device(batches(xtr, ytr, 32))
         new_head(model, 2, g)
-        model.to(DEVICE)
         penalty: Penalty | None = None
         if row.startswith("ewc") and ewc:
             weight = 100.0 if row == "ewc-100" else EWC_LAMBDA

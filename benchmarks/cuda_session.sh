@@ -48,7 +48,7 @@ import json, os, sys, time
 from pathlib import Path
 sys.path.insert(0, "benchmarks")
 import continual
-from imagenet_task import build_imagenet_prior, with_digit_statistics
+from imagenet_task import build_imagenet_prior
 t0 = time.perf_counter()
 root = Path(os.environ["WORK"])
 prior_dir = root / "imagenet-prior"
@@ -57,9 +57,8 @@ if not (prior_dir / "prior_config.json").is_file():  # a prior left by an earlie
                                           crops_per_image=int(os.environ.get("CROPS", "24")))
     print("built", prior_dir, json.dumps(used, default=str), f"{time.perf_counter() - t0:.1f} s", flush=True)
 continual.ARCH, continual.SIZE, _ = continual.NETWORKS["lite0"]
-(x, _), _ = continual.split(0, 1, 0.3)
-print("continual prior", with_digit_statistics(prior_dir, x, root / "continual-prior"),
-      f"{time.perf_counter() - t0:.1f} s", flush=True)
+adapted, _ = continual.build_imagenet_upstream(root / "continual", prior_dir=prior_dir)
+print("continual prior", adapted, f"{time.perf_counter() - t0:.1f} s", flush=True)
 EOF
 echo "prior step done at $(( $(date +%s) - start )) s (left $(left) s)" >> "$RES/prior.log"
 
@@ -72,13 +71,13 @@ if [ -f "$WORK/imagenet-prior/prior_config.json" ]; then
     pids+=($!)
   done
 fi
-if [ -f "$WORK/continual-prior/prior_config.json" ]; then
+if [ -f "$WORK/continual/prior/prior_config.json" ]; then
   for s in $CONT_SEEDS; do
     g=0
     for rows in $CONT_GROUPS; do
       g=$((g + 1))
       timeout "$(left)" $PY benchmarks/continual.py --network lite0 --device "$DEVICE" --seeds 1 --seed-start "$s" \
-        $CONT_ARGS --prior "$WORK/continual-prior" --json "$RES/cont_${s}_$g.json" --rows ${rows//,/ } \
+        $CONT_ARGS --prior "$WORK/continual/prior" --json "$RES/cont_${s}_$g.json" --rows ${rows//,/ } \
         > "$RES/cont_${s}_$g.log" 2>&1 &
       pids+=($!)
     done

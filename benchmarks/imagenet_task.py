@@ -7,21 +7,18 @@ crops and flips of them (timm's training transform at the network's 224 px) form
 check of `zoo.build_prior` needs labels: the two sklearn photos keep the demo's ImageNet labels (palace, daisy),
 every other image is labelled with the network's own prediction on its centre crop, and the card says so.
 
-Downstream, the digits are scaled to `size` px and normalised like the network (mean = std = 0.5), and the
-network's BatchNorm statistics can be re-estimated on a set of digits (ImageNet statistics make every digit look
-alike: fine-tuning then stays at chance).
+Downstream, the benchmarks take the digits from tests/digits_task.py's `digits_at` (normalised with mean = std =
+0.5, like this network), and the network's BatchNorm statistics can be re-estimated on a set of digits (ImageNet
+statistics make every digit look alike: fine-tuning then stays at chance).
 """
 
 from __future__ import annotations
 
-import functools
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
-from sklearn.datasets import load_digits
 from timm.data import create_transform, resolve_data_config
 
 import zoo
@@ -86,15 +83,6 @@ def build_imagenet_prior(root: Path, *, device: str = "cpu", seed: int = 0, crop
             "labels": {k: int(v) for k, v in labels.items()}, "seconds": time.perf_counter() - t0,
             "holdout": prior.meta.get("holdout")}
     return path, used
-
-
-@functools.cache
-def digits_at(size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """All 1,797 digits as (N, 3, size, size) images normalised like lite0 (mean = std = 0.5), and labels."""
-    data = load_digits()
-    x = torch.tensor(data.images, dtype=torch.float32)[:, None] / 16.0
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
-    return ((x - 0.5) / 0.5).expand(-1, 3, -1, -1).contiguous(), torch.tensor(data.target, dtype=torch.long)
 
 
 def with_digit_statistics(prior_dir: Path, images: torch.Tensor, out: Path, *, batch: int = 128) -> Path:

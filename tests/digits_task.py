@@ -29,12 +29,18 @@ CLASSES = 5
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
 
 
-@functools.cache
 def digits() -> tuple[torch.Tensor, torch.Tensor]:
     """All digits as (N, 3, 16, 16) images normalised like the model's config (mean = std = 0.5), and labels."""
+    return digits_at(SIZE)
+
+
+@functools.cache
+def digits_at(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """All 1,797 digits as (N, 3, size, size) images normalised with mean = std = 0.5 (the test networks' config
+    and the ImageNet efficientnet_lite0's), and labels."""
     data = load_digits()
     x = torch.tensor(data.images, dtype=torch.float32)[:, None] / 16.0
-    x = F.interpolate(x, size=(SIZE, SIZE), mode="bilinear", align_corners=False).clamp(0, 1)
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
     x = ((x - 0.5) / 0.5).expand(-1, 3, -1, -1).contiguous()
     return x, torch.tensor(data.target, dtype=torch.long)
 

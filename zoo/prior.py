@@ -183,9 +183,7 @@ class Prior:
 
     def kl(self, other: Prior) -> Tensor:
         """KL(self ‖ other), summed over layers; both must cover the same modules."""
-        if set(self.layers) != set(other.layers):
-            missing = sorted(set(self.layers) ^ set(other.layers))[:5]
-            raise ModelError(f"the two Gaussians cover different modules (e.g. {missing}); they are not comparable")
+        self._check_comparable(other)
         total = torch.zeros((), dtype=torch.float64)
         for name in self.layers:
             total = total + _layer_kl(self, other, name).cpu()
@@ -193,10 +191,13 @@ class Prior:
 
     def kl_by_layer(self, other: Prior) -> dict[str, float]:
         """KL(self ‖ other) per module, to see which layers a certificate pays for (they sum to `kl`)."""
+        self._check_comparable(other)
+        return {name: float(_layer_kl(self, other, name)) for name in self.layers}
+
+    def _check_comparable(self, other: Prior) -> None:
         if set(self.layers) != set(other.layers):
             missing = sorted(set(self.layers) ^ set(other.layers))[:5]
             raise ModelError(f"the two Gaussians cover different modules (e.g. {missing}); they are not comparable")
-        return {name: float(_layer_kl(self, other, name)) for name in self.layers}
 
 
 def _module(modules: dict[str, nn.Module], name: str) -> nn.Module:
