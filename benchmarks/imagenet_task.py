@@ -24,6 +24,7 @@ from timm.data import create_transform, resolve_data_config
 import zoo
 from zoo.demo import PHOTO_LABELS
 from zoo.pretrained import efficientnet_lite0
+from zoo.seeding import seeded_augmentation
 from zoo.tuning import adapt_norm_statistics
 
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "hubble_deep_field")
@@ -67,8 +68,7 @@ def build_imagenet_prior(root: Path, *, device: str = "cpu", seed: int = 0, crop
         first = torch.stack([centre(img.convert("RGB")) for _, img in images]).to(device)
         predicted = model(first).argmax(-1).cpu().tolist()
     labels = {name: PHOTO_LABELS.get(name, predicted[i]) for i, (name, _) in enumerate(images)}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_augmentation(seed):
         order = [(name, img) for _ in range(crops_per_image) for name, img in images]
         crops = torch.stack([train(img.convert("RGB")) for _, img in order])
     y = torch.tensor([labels[name] for name, _ in order])

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from cli_support import cli
 
 import zoo
@@ -42,3 +43,23 @@ def test_demo_json_has_every_step_and_its_outputs_exist(tmp_path: Path, capsys: 
     model, loaded = zoo.load(str(repo))
     assert loaded.meta["kind"] == "posterior" and loaded.meta["classes"] == [str(k) for k in range(10)]
     assert tuple(model.pretrained_cfg["input_size"]) == (3, 32, 32) and model.num_classes == 10
+
+
+def test_the_demo_crops_are_the_same_for_the_same_seed() -> None:
+    # timm's RandomResizedCrop draws its boxes from Python's random, which seeding torch alone does not fix: the
+    # demo's prior then changed from run to run (held-out accuracy 0.625 on one run, 0.375 on the next)
+    import random
+
+    from zoo.demo import demo_crops
+    from zoo.pretrained import efficientnet_lite0
+
+    model = efficientnet_lite0()
+    first, labels = demo_crops(model, seed=3)
+    random.seed(12345)  # whatever the caller's Python random state, the crops are the seed's
+    again, labels_again = demo_crops(model, seed=3)
+    other, _ = demo_crops(model, seed=4)
+    assert torch.equal(first, again) and torch.equal(labels, labels_again)
+    assert not torch.equal(first, other)
+    state = random.getstate()
+    demo_crops(model, seed=3)
+    assert random.getstate() == state  # the caller's random stream is left where it was

@@ -36,6 +36,7 @@ from zoo.loading import load
 from zoo.predictive import DEFAULT_MODE
 from zoo.pretrained import efficientnet_lite0
 from zoo.prior import Prior
+from zoo.seeding import seeded_augmentation
 
 CROPS = 40
 SAMPLES = 32
@@ -71,18 +72,22 @@ def embedded_default(cache_dir: str | None = None, *, progress: bool = True, see
 
 def build_default_prior(model: torch.nn.Module, *, seed: int = 0, progress: bool = True) -> Prior:
     """The smoke prior of the offline ImageNet efficientnet_lite0 on random crops of the two sample photos."""
-    cfg = resolve_data_config(model=model)
-    train = create_transform(**cfg, is_training=True, hflip=0.5, color_jitter=0.0)
-    photos = _sample_photos()
+    crops, labels = demo_crops(model, seed)
     generator = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        crops = torch.stack([train(photos[i % len(photos)][1]) for i in range(CROPS)])
-    labels = torch.tensor([PHOTO_LABELS[photos[i % len(photos)][0]] for i in range(CROPS)])
     loader = [(crops[i : i + 8], labels[i : i + 8]) for i in range(0, CROPS, 8)]
     # holdout=0.2: the first of the five batches is held out to check the prior's predictive against the network
     return build_prior(model, loader, fisher="mc", holdout=0.2, generator=generator, progress=progress,
                        dataset="sklearn-sample-photos (labelled crops)", smoke=True, timm_name="efficientnet_lite0")
+
+
+def demo_crops(model: torch.nn.Module, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """CROPS labelled random crops and flips of the two sample photos, through efficientnet_lite0's training
+    transform; the same tensors for the same seed (the transform's crop boxes come from Python's random too)."""
+    train = create_transform(**resolve_data_config(model=model), is_training=True, hflip=0.5, color_jitter=0.0)
+    photos = _sample_photos()
+    with seeded_augmentation(seed):
+        crops = torch.stack([train(photos[i % len(photos)][1]) for i in range(CROPS)])
+    return crops, torch.tensor([PHOTO_LABELS[photos[i % len(photos)][0]] for i in range(CROPS)])
 
 
 def _sample_photos() -> list[tuple[str, Image.Image]]:
