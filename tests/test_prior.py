@@ -316,3 +316,26 @@ def test_single_precision_quadratic_matches_float64_value_and_gradient(built) ->
     assert values[0] > 0
     assert values[1] == pytest.approx(values[0], rel=1e-5)
     assert torch.allclose(grads[1], grads[0], rtol=1e-4, atol=1e-6 * grads[0].abs().max().item())
+
+
+def test_a_channels_last_network_saves_samples_and_predicts_in_its_layout(built, tmp_path: Path) -> None:
+    # timm users convert convnets with .to(memory_format=torch.channels_last) (1.5–4× faster on CPU for
+    # efficientnets); safetensors refuses such weights, and draws in the default layout made every conv convert
+    model, prior, _ = built
+    fast = tiny_model().to(memory_format=torch.channels_last)
+    fast.load_state_dict(model.state_dict())
+    prior_cl = zoo.Prior(prior.mean, prior.layers, prior.meta, model=fast)
+    saved = prior_cl.save(str(tmp_path / "cl"), model=fast)
+    loaded_model, _ = zoo.load(str(saved))
+    for (name, a), b in zip(model.state_dict().items(), loaded_model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    conv = [k for k, p in fast.named_parameters() if p.ndim == 4]
+    draw = prior_cl.sample(fast, torch.Generator().manual_seed(0))
+    reference = prior.sample(model, torch.Generator().manual_seed(0))
+    assert conv and all(draw[k].is_contiguous(memory_format=torch.channels_last) for k in conv)
+    assert all(torch.equal(draw[k], reference[k]) for k in reference)  # the same draw, only laid out differently
+    x = loader()[0][0]
+    for mode in ("glm", "nn"):
+        ours = prior_cl.predict(x, samples=4, generator=torch.Generator().manual_seed(1), mode=mode)
+        theirs = prior.predict(x, samples=4, generator=torch.Generator().manual_seed(1), mode=mode)
+        assert torch.allclose(ours.probs, theirs.probs, atol=1e-5), mode

@@ -13,6 +13,7 @@ shape against the model before a single tensor is used. Nothing is pickled and n
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
@@ -77,6 +79,13 @@ def _layer_tensors(name: str, layer: Layer) -> dict[str, Tensor]:
     return out
 
 
+def _contiguous(model: nn.Module) -> nn.Module:
+    """The model, or a contiguous copy of a channels_last one: safetensors refuses non-contiguous tensors."""
+    if all(t.is_contiguous() for t in model.state_dict().values()):
+        return model
+    return copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+
+
 def save_prior(prior: Prior, directory: str | os.PathLike[str], model: nn.Module) -> Path:
     """Write the repository atomically: into a temporary sibling directory, then renamed into place."""
     from timm.models import save_for_hf
@@ -88,7 +97,7 @@ def save_prior(prior: Prior, directory: str | os.PathLike[str], model: nn.Module
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        save_for_hf(model, str(tmp), safe_serialization=True)
+        save_for_hf(_contiguous(model), str(tmp), safe_serialization=True)
         meta = dict(prior.meta)
         meta["model_sha256"] = sha256_file(tmp / WEIGHTS)
         meta["layers"] = _layer_index(prior)

@@ -76,6 +76,7 @@ def run_transfer(prior_dir: Path, out: Path, ood: list[tuple[str, Image.Image]],
     """Steps 5–9 of the demo from a saved prior repository; prints as it goes and returns every figure."""
     t_start = time.perf_counter()
     model, prior = load(str(prior_dir), num_classes=10, reset_head=True)
+    model = model.to(memory_format=torch.channels_last)  # zoo.demo.CHANNELS_LAST_NOTE
     cfg = input_config(model)
     model.pretrained_cfg = dict(model.pretrained_cfg, **cfg)  # saved in config.json: serve preprocesses the same
     transform = create_transform(**cfg)

@@ -33,6 +33,15 @@ def split_matrix(module: nn.Module, matrix: Tensor) -> dict[str, Tensor]:
     return out
 
 
+def in_layout_of(value: Tensor, reference: Tensor) -> Tensor:
+    """`value` with `reference`'s strides: a draw for a channels_last conv weight must be channels_last too, or
+    every convolution with it converts (measured: a channels_last efficientnet_lite0 runs 1.5–4× faster on CPU).
+    Strides, not is_contiguous: a depthwise (C, 1, k, k) weight counts as both layouts, but oneDNN reads strides."""
+    if reference.ndim != 4 or value.stride() == reference.stride():
+        return value
+    return torch.empty_like(reference, dtype=value.dtype, device=value.device).copy_(value)
+
+
 @dataclass
 class KronLayer:
     """A Linear / Conv2d's [W | b] ~ N(mean, precision⁻¹) with a Kronecker-factored precision."""

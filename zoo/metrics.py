@@ -21,17 +21,22 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torchmetrics.functional.classification import (
-    binary_auroc,
-    multiclass_accuracy,
-    multiclass_calibration_error,
-)
 
 from zoo.errors import DataError
 
 ROW_SUM_TOL = 1e-3
 """How far a row of `probs` may sum from 1 (float32 averages of 32 softmaxes are off by ~1e-7; logits are off by
 far more than this, so passing logits by mistake is caught)."""
+
+
+def _classification() -> Any:
+    """torchmetrics' functional classification metrics, imported on first use: the import pulls in scipy.signal
+    and scipy.stats, 2.9 s of every `zoo` command's start-up (measured with python -X importtime)."""
+    from torchmetrics.functional import classification
+
+    return classification
+
+
 FLOOR = torch.finfo(torch.float64).tiny
 """The documented floor of `nll` on probabilities: p(y|x) = 0 counts as −log(tiny) ≈ 708 nats instead of ∞, with
 a warning that says how many examples it hit. Pass log-probabilities (`from_log=True`) to avoid it."""
@@ -75,7 +80,7 @@ def _check(probs: Tensor, y: Tensor, *, log: bool = False) -> tuple[Tensor, Tens
 def accuracy(probs: Tensor, y: Tensor) -> float:
     """Top-1 accuracy (ties in the argmax go to the lowest class, as in torch.argmax)."""
     p, t = _check(probs, y)
-    return float(multiclass_accuracy(p, t, num_classes=p.shape[1], average="micro"))
+    return float(_classification().multiclass_accuracy(p, t, num_classes=p.shape[1], average="micro"))
 
 
 def nll(probs: Tensor, y: Tensor, *, from_log: bool = False) -> float:
@@ -102,7 +107,7 @@ def ece(probs: Tensor, y: Tensor, bins: int = 15) -> float:
     if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
         raise DataError(f"bins must be a positive integer, e.g. 15; got {bins!r}")
     p, t = _check(probs, y)
-    return float(multiclass_calibration_error(p, t, num_classes=p.shape[1], n_bins=bins, norm="l1"))
+    return float(_classification().multiclass_calibration_error(p, t, num_classes=p.shape[1], n_bins=bins, norm="l1"))
 
 
 def brier(probs: Tensor, y: Tensor) -> float:
@@ -128,7 +133,7 @@ def ood_auroc(score_in: Tensor, score_out: Tensor) -> float:
     scores = torch.cat(parts)
     target = torch.cat([torch.zeros(parts[0].numel(), dtype=torch.long), torch.ones(parts[1].numel(),
                                                                                    dtype=torch.long)])
-    return float(binary_auroc(scores, target))
+    return float(_classification().binary_auroc(scores, target))
 
 
 def summary(

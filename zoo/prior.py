@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from zoo.errors import ArtifactError, ConfigError, ModelError
 from zoo.kron import kl_divergence, kl_to_isotropic
-from zoo.layers import DiagLayer, IsoLayer, KronLayer, Layer, kron_matrix, split_matrix
+from zoo.layers import DiagLayer, IsoLayer, KronLayer, Layer, in_layout_of, kron_matrix, split_matrix
 
 if TYPE_CHECKING:
     from zoo.predictive import Prediction
@@ -140,7 +140,8 @@ class Prior:
                     shape = getattr(module, local).shape
                     noise = _noise(shape, generator)
                     out[prefix + local] = noise / math.sqrt(layer.lam)
-        return out
+        params = dict(model.named_parameters())
+        return {k: in_layout_of(v, params[k]) if k in params else v for k, v in out.items()}
 
     def predict(
         self,
