@@ -423,11 +423,12 @@ def print_table(network: str, shots: int, table: dict[str, dict[str, Any]], seed
 def targets(network: str, shots: int, table: dict[str, dict[str, Any]], default: str | None) -> list[dict]:
     """The learned-prior default row against each MAP row (the fair CV one and the test-tuned upper bound) and
     laplace-torch last-layer for OOD, on seed means."""
-    ours = table.get(ours_row("catoni", default, default), {}).get("mean", {})
-    ll = table.get(LL_ROW, {}).get("mean", {})
+    ours_entry = table.get(ours_row("catoni", default, default), {})
+    ours = ours_entry.get("mean", {})
+    ll = table.get(LL_ROW, {})
     checks: list[tuple[str, str, Callable[[float, float], bool], dict]] = []
     for tag, row in (("MAP-CV", MAP_CV_ROW), ("MAP-oracle", MAP_ROW)):
-        base = table.get(row, {}).get("mean", {})
+        base = table.get(row, {})
         checks += [
             (f"accuracy ≥ {tag} − 1 point", "accuracy", lambda a, b: a >= b - 0.01, base),
             (f"NLL < {tag}", "nll", lambda a, b: a < b, base),
@@ -437,11 +438,22 @@ def targets(network: str, shots: int, table: dict[str, dict[str, Any]], default:
     checks.append(("OOD AUROC (entropy) > laplace last-layer", "ood_auroc_entropy", lambda a, b: a > b, ll))
     out = []
     for name, key, passes, ref in checks:
-        a, b = ours.get(key), ref.get(key)
+        a, b = ours.get(key), ref.get("mean", {}).get(key)
         verdict = "n/a" if a is None or b is None else ("PASS" if passes(a, b) else "FAIL")
         out.append({"network": network, "shots": shots, "target": name, "ours": a, "baseline": b,
-                    "verdict": verdict})
+                    "verdict": verdict, **paired(ours_entry, ref, key)})
     return out
+
+
+def paired(ours: dict[str, Any], baseline: dict[str, Any], key: str) -> dict[str, float]:
+    """Mean and standard error of the per-seed difference ours − baseline (same seed, same data, same start): the
+    seeds' spread is shared, so this says whether a gap between the means is more than seed noise."""
+    diffs = [a[key] - b[key] for a, b in zip(ours.get("per_seed", []), baseline.get("per_seed", []), strict=False)
+             if a.get(key) is not None and b.get(key) is not None]
+    if len(diffs) < 2:
+        return {}
+    return {"paired_diff": statistics.fmean(diffs), "paired_se": statistics.stdev(diffs) / math.sqrt(len(diffs)),
+            "paired_seeds": len(diffs)}
 
 
 def main() -> None:
@@ -508,8 +520,10 @@ def main() -> None:
                 args.json.write_text(json.dumps(report | {"targets": all_checks}, indent=1, default=str))
     print(f"\n== targets: the learned-prior default row ({ours_row('catoni', default, default)}) on seed means ==")
     for c in all_checks:
+        gap = (f"  paired Δ {c['paired_diff']:+.3f} ± {c['paired_se']:.3f} (SE, {c['paired_seeds']} seeds)"
+               if "paired_diff" in c else "")
         print(f"{c['verdict']:>4}  {c['network']:<16} {c['shots']:>2} shots  {c['target']:<42} "
-              f"ours {fmt(c['ours'])}  vs {fmt(c['baseline'])}")
+              f"ours {fmt(c['ours'])}  vs {fmt(c['baseline'])}{gap}")
     report["targets"] = all_checks
     if args.json:
         args.json.write_text(json.dumps(report, indent=1, default=str))

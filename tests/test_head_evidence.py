@@ -121,6 +121,8 @@ def test_no_evidence_for_a_head_shrinks_it_as_far_as_the_training_likelihood_all
         assert (net(x).argmax(-1) == y).all()
     assert trained_nll < nll <= trained_nll + TRAIN_LOGLIK_SLACK + 1e-4  # float32 weights
     assert net.head.weight.norm().item() < trained_norm
+    # what the shrinkage gave up is recorded, so that Q's width gets only the rest of the joint region
+    assert record["loglik_given_up"] == pytest.approx(nll - trained_nll, abs=1e-4)
 
 
 def test_finetune_records_the_refit_of_a_timm_head() -> None:

@@ -95,6 +95,10 @@ WIDTH_GRID: tuple[float, ...] = (1.0, 0.3, 0.1, 0.03, 0.01, 3e-3, 1e-3, 3e-4, 1e
 TRAIN_LOGLIK_SLACK = 1.92
 """How far (nats, summed over the training set) the predictive may lower the training data's log-likelihood below
 the trained network's: ½·χ²₁(0.95) = 1.92, Wilks' 95% likelihood-ratio interval for the one parameter T."""
+JOINT_LOGLIK_SLACK = 2.996
+"""½·χ²₂(0.95): Wilks' 95% region when two parameters are set on the same training likelihood, a new head's
+shrinkage (zoo.head_evidence, where its evidence cannot choose) and then Q's width T. Together they may lower the
+training log-likelihood by this much below the trained network's, not by 1.92 each."""
 
 
 def select_width(
@@ -106,8 +110,13 @@ def select_width(
     generator: torch.Generator,
     grid: Sequence[float] = WIDTH_GRID,
     spans: Mapping[str, Tensor] | None = None,
+    slack: float = TRAIN_LOGLIK_SLACK,
 ) -> tuple[float, dict[str, Any]]:
     """The widest T (covariance × T) whose predictive the training data do not reject.
+
+    `slack` (nats) is what is left of the likelihood-ratio region for T: TRAIN_LOGLIK_SLACK when T is the only
+    parameter set on the training likelihood, less where the head's shrinkage already took part of
+    JOINT_LOGLIK_SLACK (zoo.finetune).
 
     `spans` (Predictor) must come from these very batches' layer inputs; they make the draws cheaper, not different.
 
@@ -128,9 +137,9 @@ def select_width(
         probs = predictive_probs(mean, deviations, 1.0 / width)
         row = {"T": float(width), "accuracy": metrics.accuracy(probs, y), "nll": metrics.nll(probs, y)}
         row["meets"] = (row["accuracy"] >= reference["accuracy"]
-                        and row["nll"] <= reference["nll"] + TRAIN_LOGLIK_SLACK / y.shape[0])
+                        and row["nll"] <= reference["nll"] + slack / y.shape[0])
         rows.append(row)
     feasible = [r for r in rows if r["meets"]]
     chosen = max(feasible, key=lambda r: r["T"]) if feasible else min(rows, key=lambda r: r["T"])
     return chosen["T"], {"mode": mode, "samples": samples, "n": int(y.shape[0]), "network": reference,
-                         "T": chosen["T"], "met": bool(feasible), "grid": rows}
+                         "slack": slack, "T": chosen["T"], "met": bool(feasible), "grid": rows}

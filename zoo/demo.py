@@ -1,4 +1,4 @@
-"""`zoo demo`: the whole loop, offline, on CPU, in under 3 minutes (steps 5–9 in zoo.demo_transfer).
+"""`zoo demo`: the whole loop, offline, on CPU, in about 2 minutes on 2 cores (steps 5–9 in zoo.demo_transfer).
 
 1. A real ImageNet network: timm's efficientnet_lite0 with the offline weights (zoo.pretrained); it labels
    scikit-learn's two sample photos.

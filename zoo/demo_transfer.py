@@ -52,7 +52,7 @@ class TransferPlan:
 
 QUICK = TransferPlan(train=100, test=100, epochs=2, samples=4, certificate_samples=4, selection_samples=1)
 """The demo predicts in the fast mode (the new head's exact logit Gaussian, one forward pass): on 300 digits the
-default glm mode takes 35 s of a 3-minute budget, for numbers within 0.003 of these (measured)."""
+default glm mode takes 35 s of a 2-minute budget, for numbers within 0.003 of these (measured)."""
 
 
 def input_config(model: torch.nn.Module) -> dict[str, Any]:

@@ -183,6 +183,8 @@ def refit_new_heads(model: nn.Module, prior: Prior, loader: Iterable[Any],
             if linear.bias is not None:
                 linear.bias.copy_(w[:, -1].to(linear.bias))
         records[name] = {"refit": True, "lambda": lam, "alpha": table[best]["alpha"], "rule": rule, "table": rows}
+        if rule == "likelihood-ratio":  # the training log-likelihood this shrinkage gave up (zoo.finetune's T uses
+            records[name]["loglik_given_up"] = rows[best]["train_nll_sum"] - rows[best]["trained_nll_sum"]  # the rest)
     return records
 
 
@@ -199,7 +201,7 @@ def _strongest_tolerated(z: Tensor, y: Tensor, table: list[dict[str, Any]], trai
         logits = z @ row["weights"].T
         nll = F.cross_entropy(logits, y, reduction="sum").item()
         correct = (logits.argmax(-1) == y).sum().item()
-        rows[i].update(train_nll_sum=nll, train_correct=correct)
+        rows[i].update(train_nll_sum=nll, train_correct=correct, trained_nll_sum=reference_nll)
         if correct >= reference_correct and nll <= reference_nll + TRAIN_LOGLIK_SLACK:
             chosen = i
     return chosen

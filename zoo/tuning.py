@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from zoo import __version__
-from zoo.calibration import select_width
+from zoo.calibration import JOINT_LOGLIK_SLACK, TRAIN_LOGLIK_SLACK, select_width
 from zoo.curvature import DiagonalBlock, KronBlock, kfac
 from zoo.errors import ConfigError, DataError, ModelError, NumericalError
 from zoo.head_evidence import refit_new_heads
@@ -267,7 +267,8 @@ def finetune(
                                                  samples=selection_samples * 2,
                                                  generator=torch.Generator().manual_seed(seed + 2),
                                                  spans=training_spans(blocks, laplace_layers, approx,
-                                                                      pieces.unit))
+                                                                      pieces.unit),
+                                                 slack=width_slack(head_record))
         layers = dict(laplace.scaled(dict.fromkeys(laplace_layers, 1.0 / temperature)).layers)
         pieces = PosteriorFit(pieces.unit, pieces.params, spectra, None, blocks.n, blocks.nll_sum, by_layer)
         alphas = {sp.name: floor[_name(sp.name)] / by_layer[_name(sp.name)] for sp in spectra}
@@ -332,6 +333,22 @@ MEAN_PENALTY_NOTE = (
     "and on a smaller efficientnet_gn (λ = 0.245, tests/test_transfer_defaults.py's task at 1 shot, 3 seeds) "
     "14–33 points of 1-shot accuracy."
 )
+
+
+def width_slack(head_record: Mapping[str, Mapping[str, Any]]) -> float:
+    """The training log-likelihood Q's width T may give up: ½χ²₁(0.95) when T is the only parameter the training
+    likelihood sets; where k new heads were shrunk by the likelihood-ratio rule too, what they left of the joint
+    ½χ²ₖ₊₁(0.95) region (none left: T is as narrow as the grid allows)."""
+    given_up = [float(r["loglik_given_up"]) for r in head_record.values() if "loglik_given_up" in r]
+    if not given_up:
+        return TRAIN_LOGLIK_SLACK
+    if len(given_up) == 1:
+        joint = JOINT_LOGLIK_SLACK
+    else:
+        from scipy.stats import chi2  # rare (several new heads), and a 1 s import
+
+        joint = 0.5 * float(chi2.ppf(0.95, len(given_up) + 1))
+    return max(joint - sum(given_up), 0.0)
 
 
 def _mean_penalty(prior: Prior, marglik: bool, method: str) -> Prior | ReferencePenalty | None:
