@@ -235,3 +235,32 @@ def test_mean_penalty_reference_trains_the_map_of_the_reference_prior(prior_and_
         finetune(_copy(base), lost, data(5), mean_penalty="reference", **kwargs)
     with pytest.raises(zoo.ConfigError, match="mean_penalty must be one of"):
         finetune(_copy(base), prior, data(5), mean_penalty="l2", progress=False)
+
+
+@pytest.mark.parametrize("n", [24, 10**9])
+def test_auto_width_decides_as_the_exact_kl_does(prior_and_model, n: int) -> None:
+    """The spectra's mean term ½Σκm is a lower bound on KL(Q ‖ κP) that settles "laplace" without the exact KL;
+    where it does not settle (a huge n makes any KL informative), the exact KL decides."""
+    from zoo.curvature import kfac
+    from zoo.pacbayes import kl_bound
+    from zoo.tuning import AUTO_BOUND, auto_width, posterior_pieces
+
+    prior, base = prior_and_model
+    model = _copy(base)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    blocks = kfac(model, data(3), "mc", generator=torch.Generator().manual_seed(0), progress=False)
+    pieces = posterior_pieces(model, prior, blocks)
+    kappa = dict.fromkeys(prior.layers, 0.1)
+    spectra = pieces.rescaled_spectra(kappa)
+    layers = pieces.laplace_layers(kappa)
+    reference = prior.scaled(kappa)
+    mean = {k: v.detach().clone() for k, v in model.named_parameters()}
+    mean_term = 0.5 * sum(sp.mahalanobis for sp in spectra)
+    exact = zoo.Prior(mean, layers, {}).kl(reference).item()
+    assert mean_term == pytest.approx(0.5 * reference.quadratic(model).item(), rel=1e-7)
+    assert 0 < mean_term <= exact
+    expected = "bound" if kl_bound(0.0, exact, n, 0.05) < AUTO_BOUND else "laplace"
+    assert auto_width(mean, layers, reference, spectra, n, 0.05) == expected
+    assert expected == ("laplace" if n == 24 else "bound")  # both branches are exercised
