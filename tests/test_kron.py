@@ -371,3 +371,24 @@ def test_kl_to_isotropic_matches_dense() -> None:
     assert abs(kl_to_isotropic(m, p, lam).item() - ref) < 1e-10 * max(1.0, ref)
     with pytest.raises(ZooError):
         kl_to_isotropic(m, p, 0.0)
+
+
+@pytest.mark.parametrize("n", [7, 512, 1100])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_factor_symmetry_is_checked_tile_by_tile_like_the_dense_check(n: int, dtype: torch.dtype) -> None:
+    from zoo.kron.validate import as_factor, max_asymmetry
+
+    g = torch.Generator().manual_seed(n)
+    a = torch.randn(n, n, generator=g, dtype=torch.float64)
+    a = (a + a.T).to(dtype)
+    assert max_asymmetry(a) == 0.0
+    assert torch.equal(as_factor(a, n, "A"), a.double())  # an exactly symmetric factor is only converted
+    i, j = n - 1, n // 3  # a lower-triangle entry, in the last (partial) tile
+    a[i, j] += 1e-3 * a.abs().max()
+    assert max_asymmetry(a) == pytest.approx((a - a.T).abs().max().item(), rel=1e-6)
+    with pytest.raises(InvalidFactorError, match="not symmetric"):
+        as_factor(a, n, "A")
+    small = a.clone()
+    small[i, j] = small[j, i] * (1 + torch.finfo(dtype).eps)  # rounding-level asymmetry is symmetrised
+    fixed = as_factor(small, n, "A")
+    assert torch.equal(fixed, fixed.T) and fixed.dtype == torch.float64
