@@ -183,8 +183,9 @@ def refit_new_heads(model: nn.Module, prior: Prior, loader: Iterable[Any],
             if linear.bias is not None:
                 linear.bias.copy_(w[:, -1].to(linear.bias))
         records[name] = {"refit": True, "lambda": lam, "alpha": table[best]["alpha"], "rule": rule, "table": rows}
-        if rule == "likelihood-ratio":  # the training log-likelihood this shrinkage gave up (zoo.finetune's T uses
-            records[name]["loglik_given_up"] = rows[best]["train_nll_sum"] - rows[best]["trained_nll_sum"]  # the rest)
+        if rule == "likelihood-ratio":
+            # the training log-likelihood this shrinkage gave up: Q's width gets the rest (zoo.tuning.width_slack)
+            records[name]["loglik_given_up"] = rows[best]["train_nll_sum"] - rows[best]["trained_nll_sum"]
     return records
 
 
