@@ -28,6 +28,7 @@ from timm.data import create_transform, resolve_data_config
 from torch import Tensor
 
 from zoo import metrics
+from zoo.demo import channels_last
 from zoo.loading import load
 from zoo.report import Outputs, evaluation_record, write_report
 from zoo.tuning import finetune
@@ -76,7 +77,7 @@ def run_transfer(prior_dir: Path, out: Path, ood: list[tuple[str, Image.Image]],
     """Steps 5–9 of the demo from a saved prior repository; prints as it goes and returns every figure."""
     t_start = time.perf_counter()
     model, prior = load(str(prior_dir), num_classes=10, reset_head=True)
-    model = model.to(memory_format=torch.channels_last)  # zoo.demo.CHANNELS_LAST_NOTE
+    model = channels_last(model)
     cfg = input_config(model)
     model.pretrained_cfg = dict(model.pretrained_cfg, **cfg)  # saved in config.json: serve preprocesses the same
     transform = create_transform(**cfg)

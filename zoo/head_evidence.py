@@ -165,11 +165,11 @@ def refit_new_heads(model: nn.Module, prior: Prior, loader: Iterable[Any],
         table.reverse()
         best = max(range(len(table)), key=lambda i: table[i]["log_evidence"])
         rows = [{k: v for k, v in row.items() if k != "weights"} for row in table]
-        rule = "evidence"
+        rule, trained_nll = "evidence", None
         if best == len(table) - 1:  # the evidence wants no head at all: shrink as far as the data allow
             trained = torch.cat([linear.weight.detach().double().cpu(), linear.bias.detach().double().cpu()[:, None]],
                                 1) if linear.bias is not None else linear.weight.detach().double().cpu()
-            best = _strongest_tolerated(z, y, table, phi @ trained.T, rows)
+            best, trained_nll = _strongest_tolerated(z, y, table, phi @ trained.T, rows)
             rule = "likelihood-ratio"
         if best is None or best == 0:
             records[name] = {"refit": False, "lambda": lam, "table": rows,
@@ -183,18 +183,19 @@ def refit_new_heads(model: nn.Module, prior: Prior, loader: Iterable[Any],
             if linear.bias is not None:
                 linear.bias.copy_(w[:, -1].to(linear.bias))
         records[name] = {"refit": True, "lambda": lam, "alpha": table[best]["alpha"], "rule": rule, "table": rows}
-        if rule == "likelihood-ratio":
+        if trained_nll is not None:
             # the training log-likelihood this shrinkage gave up: Q's width gets the rest (zoo.tuning.width_slack)
-            records[name]["loglik_given_up"] = rows[best]["train_nll_sum"] - rows[best]["trained_nll_sum"]
+            records[name]["loglik_given_up"] = rows[best]["train_nll_sum"] - trained_nll
     return records
 
 
 def _strongest_tolerated(z: Tensor, y: Tensor, table: list[dict[str, Any]], trained_logits: Tensor,
-                         rows: list[dict[str, Any]]) -> int | None:
+                         rows: list[dict[str, Any]]) -> tuple[int | None, float]:
     """The strongest α whose re-fit the training data do not reject against the trained head: every training
     example still right, total log-likelihood within TRAIN_LOGLIK_SLACK nats (zoo.calibration's rule for Q's width,
     here for the head's scale). Where the evidence prefers a zero head, few-shot data cannot pick a precision, but
-    they can bound how small the head may be; the trained head itself (no prior) is the unshrunk end."""
+    they can bound how small the head may be; the trained head itself (no prior) is the unshrunk end. Returns the
+    row (None: none qualifies) and the trained head's total training NLL."""
     reference_nll = F.cross_entropy(trained_logits, y, reduction="sum").item()
     reference_correct = (trained_logits.argmax(-1) == y).sum().item()
     chosen = None
@@ -202,7 +203,7 @@ def _strongest_tolerated(z: Tensor, y: Tensor, table: list[dict[str, Any]], trai
         logits = z @ row["weights"].T
         nll = F.cross_entropy(logits, y, reduction="sum").item()
         correct = (logits.argmax(-1) == y).sum().item()
-        rows[i].update(train_nll_sum=nll, train_correct=correct, trained_nll_sum=reference_nll)
+        rows[i].update(train_nll_sum=nll, train_correct=correct)
         if correct >= reference_correct and nll <= reference_nll + TRAIN_LOGLIK_SLACK:
             chosen = i
-    return chosen
+    return chosen, reference_nll
