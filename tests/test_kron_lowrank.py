@@ -7,7 +7,8 @@ import torch
 
 from zoo.errors import InvalidFactorError
 from zoo.kron import KronPrecision, extend
-from zoo.kron.lowrank import ROUNDING_MULTIPLE, congruence_diagonal, pivoted_cholesky
+from zoo.kron.exact import diagonal_eigh
+from zoo.kron.lowrank import ROUNDING_MULTIPLE, congruence_diagonal, pivoted_cholesky, root_eigh
 
 EPS64 = torch.finfo(torch.float64).eps
 EPS32 = torch.finfo(torch.float32).eps
@@ -97,3 +98,74 @@ def test_an_accepted_root_certifies_the_factor_without_a_cholesky(monkeypatch: p
     monkeypatch.setattr(torch.linalg, "cholesky_ex", small_only)
     q = extend(prior, gram(inn, 3, 17), gram(out, out, 18))
     assert torch.isfinite(q.decomposition().diagonal()).all()
+
+
+def iso_prior(inn: int, out: int, value: float) -> KronPrecision:
+    return KronPrecision([(torch.eye(inn, dtype=torch.float64), torch.eye(out, dtype=torch.float64))], [value])
+
+
+def refuse_wide_eigh(monkeypatch: pytest.MonkeyPatch, width: int) -> None:
+    eigh = torch.linalg.eigh
+
+    def small_only(x: torch.Tensor, *args: object, **kwargs: object) -> object:
+        assert x.shape[-1] < width, "a wide factor went through the n³ eigensolver"
+        return eigh(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "eigh", small_only)
+
+
+def test_root_eigh_is_an_orthonormal_eigendecomposition_of_the_root() -> None:
+    root = torch.randn(120, 4, generator=torch.Generator().manual_seed(19), dtype=torch.float64)
+    values, vectors = root_eigh(root)
+    assert values.shape == (120,) and bool((values[1:] >= values[:-1]).all()) and bool((values[:-4] == 0).all())
+    torch.testing.assert_close(vectors.T @ vectors, torch.eye(120, dtype=torch.float64))
+    torch.testing.assert_close((vectors * values) @ vectors.T, root @ root.T)
+
+
+def test_isotropic_prior_extension_with_a_low_rank_factor_needs_no_wide_eigensolver(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A few-shot posterior against zoo.tuning.isotropic_prior: the prior's identities are read off and the new
+    wide factor's basis comes from its root, and the result is still the exact dense sum."""
+    inn, out = 96, 3
+    prior = iso_prior(inn, out, 2.0)
+    a, g = gram(inn, 3, 20), gram(out, out, 21)
+    refuse_wide_eigh(monkeypatch, inn)
+    q = extend(prior, a, g, scale=3.0, prior_scale=0.5)
+    expected = 3.0 * torch.kron(a, g) + torch.eye(inn * out, dtype=torch.float64)
+    dense = q.decomposition().dense()
+    torch.testing.assert_close(dense, expected, rtol=0, atol=1e-12 * expected.norm().item())
+    torch.testing.assert_close(q.logdet(), torch.logdet(expected))
+    assert q.new_input_root is not None and q.new_input_root[0].shape == (inn, 3)
+    theta = torch.randn(out, inn, generator=torch.Generator().manual_seed(22), dtype=torch.float64)
+    torch.testing.assert_close(prior.quadratic(theta), 2.0 * theta.square().sum())
+
+
+def test_isotropic_prior_extension_with_a_full_rank_factor_uses_the_eigensolver() -> None:
+    inn, out = 48, 3
+    a, g = gram(inn, inn, 23), gram(out, out, 24)
+    q = extend(iso_prior(inn, out, 1.5), a, g)
+    assert q.new_input_root is None
+    expected = torch.kron(a, g) + 1.5 * torch.eye(inn * out, dtype=torch.float64)
+    torch.testing.assert_close(q.decomposition().dense(), expected)
+
+
+def test_an_indefinite_new_factor_is_refused_against_an_isotropic_prior() -> None:
+    inn, out = 48, 3
+    v = torch.zeros(inn, dtype=torch.float64)
+    v[0] = 1.0
+    shifted = gram(inn, inn, 26) - 5.0 * torch.eye(inn, dtype=torch.float64)
+    for a in (gram(inn, 2, 25) - 0.5 * torch.outer(v, v), shifted):
+        with pytest.raises(InvalidFactorError, match="positive semi-definite"):
+            extend(iso_prior(inn, out, 1.0), a, gram(out, out, 27))
+
+
+def test_a_diagonal_factor_is_decomposed_without_lapack(monkeypatch: pytest.MonkeyPatch) -> None:
+    diag = torch.tensor([3.0, 1.0, 2.0, 0.0] * 10, dtype=torch.float64)
+    refuse_wide_eigh(monkeypatch, 2)
+    values, vectors = diagonal_eigh(torch.diag(diag))
+    torch.testing.assert_close(values, diag.sort().values)
+    torch.testing.assert_close((vectors * values) @ vectors.T, torch.diag(diag))
+    assert diagonal_eigh(gram(40, 40, 28)) is None
+    nearly = torch.diag(diag)
+    nearly[5, 7] = nearly[7, 5] = 1e-30
+    assert diagonal_eigh(nearly) is None

@@ -102,7 +102,8 @@ class Decomposition:
     # ---- operations ------------------------------------------------------------------------------------------
     def dense(self) -> Tensor:
         """The d × d precision (tests only)."""
-        b = torch.kron(self.side_in.cobasis, self.side_out.cobasis)
+        # contiguous: torch.kron views its inputs, and LAPACK's column-major eigenvectors cannot be viewed so
+        b = torch.kron(self.side_in.cobasis.contiguous(), self.side_out.cobasis.contiguous())
         diag = self.diagonal().T.reshape(-1)
         return (b * diag) @ b.T
 

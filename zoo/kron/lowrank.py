@@ -78,3 +78,19 @@ def input_span(a: Tensor, eps: float) -> Tensor | None:
 def span_of(root: Tensor) -> Tensor:
     """An orthonormal basis of the columns of a low-rank root L (n × r): the range of LLᵀ."""
     return torch.linalg.qr(root).Q
+
+
+def root_eigh(root: Tensor) -> tuple[Tensor, Tensor]:
+    """(eigenvalues ascending, n × n orthonormal eigenvectors) of LLᵀ for a root L (n × r, r ≪ n), in O(n²r).
+
+    The range comes from L's thin SVD (LLᵀ = U S² Uᵀ); the null space, whose eigenvalue is 0, from the Householder
+    reflectors that map U onto the first r coordinates: their product is orthogonal with U (up to signs) as its
+    first r columns, so its other n − r columns complete the basis without the n³ eigensolver."""
+    n, r = root.shape
+    u, s, _ = torch.linalg.svd(root, full_matrices=False)
+    reflectors, tau = torch.geqrf(u)
+    padded = torch.zeros(n, n, dtype=u.dtype, device=u.device)
+    padded[:, :r] = reflectors
+    q = torch.linalg.householder_product(padded, tau)
+    values = torch.cat([torch.zeros(n - r, dtype=s.dtype, device=s.device), s.square().flip(0)])
+    return values, torch.cat([q[:, r:], u.flip(1)], dim=1)
