@@ -4,7 +4,6 @@ progressive columns, repositories that load, and bad input."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,14 +31,7 @@ SIZE = 32  # the tiny repository's input size
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: the factors' eigendecompositions are small, and two threads on two shared cores made
-    them 100× slower (measured: this module in 7 min instead of 30 s while other jobs ran)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 # ---- the algebra: three tasks against the dense sum --------------------------------------------------------------
