@@ -25,8 +25,9 @@ Columns: accuracy, NLL (nats), ECE (15 bins), Brier, OOD AUROC by predictive ent
 ("–" for a single network), fit and predict seconds (wall clock on a shared machine: noisy). Fit time of a
 laplace-torch row includes its MAP fine-tune; predict time covers test and OOD images. Mean ± std over seeds.
 
-Run: .venv/bin/python benchmarks/transfer.py [--seeds 5] [--shots 1 5 20] [--networks efficientnet_gn resnet10t]
-     [--epochs 30] [--json results.json] [--quick]
+Run: .venv/bin/python benchmarks/transfer.py [--seeds 5] [--first-seed 0] [--shots 1 5 20]
+     [--networks efficientnet_gn resnet10t] [--rows map isotropic learned mcallester laplace] [--epochs 30]
+     [--json results.json] [--quick]
 """
 
 from __future__ import annotations
@@ -332,9 +333,15 @@ def subsample(n: int, limit: int | None, seed: int) -> Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit].sort().values
 
 
+ROW_GROUPS = ("map", "isotropic", "learned", "mcallester", "laplace")
+"""--rows: the MAP rows (fair and oracle), the isotropic-prior row, the learned prior's catoni rows (every mode),
+its mcallester row, and laplace-torch's rows (which fit on the oracle MAP network, so they need "map")."""
+
+
 def run_seed(up: Upstream, shots: int, seed: int, epochs: int, lp: Any,
              max_test: int | None = None, all_weights: bool = True,
-             mean_penalty: str | None = None) -> dict[str, dict[str, Any]]:
+             mean_penalty: str | None = None, groups: frozenset[str] = frozenset(ROW_GROUPS)
+             ) -> dict[str, dict[str, Any]]:
     train, x, y = downstream(shots, seed)
     keep = subsample(x.shape[0], max_test, 10_000 + seed)
     x, y = x[keep], y[keep]
@@ -353,21 +360,24 @@ def run_seed(up: Upstream, shots: int, seed: int, epochs: int, lp: Any,
             traceback.print_exc(limit=3, file=sys.stderr)
             return None
 
-    mapped = attempt(MAP_ROW, lambda: run_map(up, train, x, y, seed, epochs))
+    mapped = attempt(MAP_ROW, lambda: run_map(up, train, x, y, seed, epochs)) if "map" in groups else None
     if mapped is not None:
         rows[MAP_ROW], rows[MAP_CV_ROW] = mapped[1], mapped[2]
-    iso = attempt(ours_row("catoni", default, default, isotropic=True),
-                  lambda: run_ours(up, train, x, y, seed, epochs, "catoni", [default], default, isotropic=True))
-    rows.update(iso or {})
-    rows.update(attempt(ours_row("catoni", default, default),
-                        lambda: run_ours(up, train, x, y, seed, epochs, "catoni", run_modes, default)) or {})
-    rows.update(attempt(ours_row("mcallester", default, default),
-                        lambda: run_ours(up, train, x, y, seed, epochs, "mcallester", [default], default)) or {})
+    if "isotropic" in groups:
+        rows.update(attempt(ours_row("catoni", default, default, isotropic=True),
+                            lambda: run_ours(up, train, x, y, seed, epochs, "catoni", [default], default,
+                                             isotropic=True)) or {})
+    if "learned" in groups:
+        rows.update(attempt(ours_row("catoni", default, default),
+                            lambda: run_ours(up, train, x, y, seed, epochs, "catoni", run_modes, default)) or {})
+    if "mcallester" in groups:
+        rows.update(attempt(ours_row("mcallester", default, default),
+                            lambda: run_ours(up, train, x, y, seed, epochs, "mcallester", [default], default)) or {})
     if mean_penalty is not None:  # an opt-in of zoo.finetune, in the default predictive only
         rows.update(attempt(f"{ours_row('catoni', default, default)}, mean_penalty={mean_penalty}",
                             lambda: run_ours(up, train, x, y, seed, epochs, "catoni", [default], default,
                                              mean_penalty=mean_penalty)) or {})
-    if lp is not None and mapped is not None:
+    if lp is not None and mapped is not None and "laplace" in groups:
         map_model, map_fit = mapped[0], mapped[1]["fit_s"]
         result = attempt(LL_ROW, lambda: run_last_layer(lp, map_model, map_fit, train, up, x, y, seed))
         if result is not None:
@@ -459,6 +469,9 @@ def paired(ours: dict[str, Any], baseline: dict[str, Any], key: str) -> dict[str
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--first-seed", type=int, default=0, help="run seeds first-seed … first-seed + seeds − 1")
+    parser.add_argument("--rows", nargs="+", default=list(ROW_GROUPS), choices=ROW_GROUPS,
+                        help="which row groups to run (laplace needs map); the targets need map and learned")
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 5, 20])
     parser.add_argument("--networks", nargs="+", default=list(NETWORKS), choices=list(NETWORKS))
     parser.add_argument("--epochs", type=int, default=EPOCHS, help="epochs of every fine-tune (MAP and ours)")
@@ -488,7 +501,8 @@ def main() -> None:
     print(f"protocol: Adam, {args.epochs} epochs, lr {LR}, eval-mode networks, {SAMPLES} samples per predictive; "
           f"MAP wd grid {WD_GRID}; torch threads {torch.get_num_threads()} (shared machine: timings are noisy)")
     report: dict[str, Any] = {"config": {"epochs": args.epochs, "lr": LR, "samples": SAMPLES, "wd_grid": WD_GRID,
-                                         "seeds": args.seeds, "shots": args.shots, "networks": args.networks,
+                                         "seeds": args.seeds, "first_seed": args.first_seed,
+                                         "rows": args.rows, "shots": args.shots, "networks": args.networks,
                                          "max_test": args.max_test, "mean_penalty": args.mean_penalty,
                                          "modes": run_modes, "default_mode": default,
                                          "laplace_torch": getattr(lp, "__version__", None) if lp else None},
@@ -507,10 +521,10 @@ def main() -> None:
         report["results"][network] = {}
         for shots in args.shots:
             per_seed = []
-            for seed in range(args.seeds):
+            for seed in range(args.first_seed, args.first_seed + args.seeds):
                 t0 = time.perf_counter()
                 per_seed.append(run_seed(up, shots, seed, args.epochs, lp, args.max_test, args.all_weights,
-                                         args.mean_penalty))
+                                         args.mean_penalty, frozenset(args.rows)))
                 print(f"  [{network}, {shots} shots, seed {seed}: {time.perf_counter() - t0:.0f} s]", flush=True)
             table = aggregate(per_seed)
             print_table(network, shots, table, args.seeds)

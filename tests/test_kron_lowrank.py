@@ -8,6 +8,7 @@ import torch
 from zoo.errors import InvalidFactorError
 from zoo.kron import KronPrecision, extend
 from zoo.kron.exact import diagonal_eigh
+from zoo.kron.extend import ROOT_EIGH_MIN_SIZE
 from zoo.kron.lowrank import ROUNDING_MULTIPLE, congruence_diagonal, pivoted_cholesky, root_eigh
 
 EPS64 = torch.finfo(torch.float64).eps
@@ -126,9 +127,10 @@ def test_isotropic_prior_extension_with_a_low_rank_factor_needs_no_wide_eigensol
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A few-shot posterior against zoo.tuning.isotropic_prior: the prior's identities are read off and the new
     wide factor's basis comes from its root, and the result is still the exact dense sum."""
-    inn, out = 96, 3
+    inn, out = ROOT_EIGH_MIN_SIZE, 3
     prior = iso_prior(inn, out, 2.0)
-    a, g = gram(inn, 3, 20), gram(out, out, 21)
+    x = torch.randn(inn, 3, generator=torch.Generator().manual_seed(20), dtype=torch.float64)
+    a, g = x @ x.T, gram(out, out, 21)
     refuse_wide_eigh(monkeypatch, inn)
     q = extend(prior, a, g, scale=3.0, prior_scale=0.5)
     expected = 3.0 * torch.kron(a, g) + torch.eye(inn * out, dtype=torch.float64)
@@ -150,7 +152,7 @@ def test_isotropic_prior_extension_with_a_full_rank_factor_uses_the_eigensolver(
 
 
 def test_an_indefinite_new_factor_is_refused_against_an_isotropic_prior() -> None:
-    inn, out = 48, 3
+    inn, out = ROOT_EIGH_MIN_SIZE, 3  # wide enough for the root route to be tried
     v = torch.zeros(inn, dtype=torch.float64)
     v[0] = 1.0
     shifted = gram(inn, inn, 26) - 5.0 * torch.eye(inn, dtype=torch.float64)
