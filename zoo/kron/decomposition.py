@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from zoo.errors import InvalidFactorError, SingularPrecisionError
+from zoo.kron.validate import diagonal_of
 
 
 @dataclass(frozen=True)
@@ -208,10 +209,9 @@ class Decomposition:
 
 def _diag_congruence(x: Tensor, t: Tensor) -> Tensor:
     """diag(Tᵀ X T) in one matmul, or in O(n²) for a diagonal X (a damping term's identity)."""
-    if x.shape[0] > 1 and not bool(x[0, 1:].ne(0).any()):  # an O(n) test rejects every curvature factor
-        d = x.diagonal()
-        if bool((x - torch.diag_embed(d)).eq(0).all()):
-            return (d[:, None] * t.square()).sum(0)
+    d = diagonal_of(x)
+    if d is not None:
+        return (d[:, None] * t.square()).sum(0)
     return ((x @ t) * t).sum(0)
 
 

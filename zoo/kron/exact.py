@@ -17,7 +17,7 @@ from torch import Tensor
 
 from zoo.errors import NumericalError, SingularPrecisionError
 from zoo.kron.decomposition import Basis, Decomposition
-from zoo.kron.validate import check_psd_eigenvalues
+from zoo.kron.validate import check_psd_eigenvalues, diagonal_of
 
 Eigh = tuple[Tensor, Tensor]
 """(eigenvalues ascending, eigenvectors as columns), float64, rounding-level eigenvalues set to 0."""
@@ -82,19 +82,13 @@ def eigh_psd(x: Tensor, name: str, rtol: float) -> Eigh:
 
 
 def diagonal_eigh(x: Tensor) -> Eigh | None:
-    """(sorted diagonal, the matching permutation of I) when X is exactly diagonal, else None; O(n) to reject a
-    dense factor, O(n²) to accept."""
-    if x.ndim != 2 or x.shape[0] != x.shape[1]:
+    """(sorted diagonal, the matching permutation of I) when X is exactly diagonal (validate.diagonal_of), else
+    None."""
+    diag = diagonal_of(x)
+    if diag is None or not bool(torch.isfinite(diag).all()):
         return None
-    n = x.shape[0]
-    if n > 1 and bool(x[0, 1:].ne(0).any()):  # a curvature factor fails here, before the O(n²) test
-        return None
-    x64 = x.to(torch.float64)
-    diag = x64.diagonal()
-    if not bool(torch.isfinite(diag).all()) or not bool((x64 - torch.diag_embed(diag)).eq(0).all()):
-        return None
-    values, order = torch.sort(diag)
-    return values, torch.eye(n, dtype=torch.float64, device=x.device)[:, order]
+    values, order = torch.sort(diag.to(torch.float64))
+    return values, torch.eye(x.shape[0], dtype=torch.float64, device=x.device)[:, order]
 
 
 def single_term(eig_a: Eigh, eig_g: Eigh, scale: float, damping: float, index: int = 0) -> Decomposition:

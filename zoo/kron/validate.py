@@ -119,3 +119,14 @@ def check_damping(damping: float | Tensor) -> float:
     if not math.isfinite(d) or d < 0:
         raise InvalidFactorError(f"damping must be finite and ≥ 0, got {d}")
     return d
+
+
+def diagonal_of(x: Tensor) -> Tensor | None:
+    """X's diagonal when X is exactly diagonal (an identity, an isotropic term), else None: O(n) to reject a dense
+    curvature factor (its first row has off-diagonal entries), O(n²) to accept."""
+    if x.ndim != 2 or x.shape[0] != x.shape[1]:
+        return None
+    if x.shape[0] > 1 and bool(x[0, 1:].ne(0).any()):
+        return None
+    diag = x.diagonal()
+    return diag if bool((x - torch.diag_embed(diag)).eq(0).all()) else None
