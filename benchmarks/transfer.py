@@ -485,6 +485,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 1 seed, 1 shot, efficientnet_gn, 200 test and 200 OOD images")
     args = parser.parse_args()
+    if "laplace" in args.rows and "map" not in args.rows:
+        parser.error("--rows laplace fits laplace-torch on the MAP network: add map")
     if args.quick:
         args.seeds, args.shots, args.networks = 1, [1], ["efficientnet_gn"]
         args.max_test = args.max_test or 200
