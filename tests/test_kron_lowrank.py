@@ -15,6 +15,17 @@ EPS64 = torch.finfo(torch.float64).eps
 EPS32 = torch.finfo(torch.float32).eps
 
 
+def refuse_wide(monkeypatch: pytest.MonkeyPatch, function: str, width: int) -> None:
+    """Make torch.linalg.`function` fail the test on any matrix `width` or more wide: the n³ route was taken."""
+    original = getattr(torch.linalg, function)
+
+    def small_only(x: torch.Tensor, *args: object, **kwargs: object) -> object:
+        assert x.shape[-1] < width, f"a factor {x.shape[-1]} wide went through torch.linalg.{function}"
+        return original(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, function, small_only)
+
+
 def basis(n: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
@@ -90,13 +101,7 @@ def test_an_accepted_root_certifies_the_factor_without_a_cholesky(monkeypatch: p
     prior = KronPrecision([(gram(inn, inn, 15) + torch.eye(inn, dtype=torch.float64), gram(out, out, 16))], [1.0],
                           damping=0.3)
     prior.decomposition()
-    cholesky = torch.linalg.cholesky_ex
-
-    def small_only(x: torch.Tensor, *args: object, **kwargs: object) -> object:
-        assert x.shape[-1] != inn, "the wide factor was checked by a dense Cholesky"
-        return cholesky(x, *args, **kwargs)
-
-    monkeypatch.setattr(torch.linalg, "cholesky_ex", small_only)
+    refuse_wide(monkeypatch, "cholesky_ex", inn)
     q = extend(prior, gram(inn, 3, 17), gram(out, out, 18))
     assert torch.isfinite(q.decomposition().diagonal()).all()
 
@@ -105,14 +110,6 @@ def iso_prior(inn: int, out: int, value: float) -> KronPrecision:
     return KronPrecision([(torch.eye(inn, dtype=torch.float64), torch.eye(out, dtype=torch.float64))], [value])
 
 
-def refuse_wide_eigh(monkeypatch: pytest.MonkeyPatch, width: int) -> None:
-    eigh = torch.linalg.eigh
-
-    def small_only(x: torch.Tensor, *args: object, **kwargs: object) -> object:
-        assert x.shape[-1] < width, "a wide factor went through the n³ eigensolver"
-        return eigh(x, *args, **kwargs)
-
-    monkeypatch.setattr(torch.linalg, "eigh", small_only)
 
 
 def test_root_eigh_is_an_orthonormal_eigendecomposition_of_the_root() -> None:
@@ -131,7 +128,7 @@ def test_isotropic_prior_extension_with_a_low_rank_factor_needs_no_wide_eigensol
     prior = iso_prior(inn, out, 2.0)
     x = torch.randn(inn, 3, generator=torch.Generator().manual_seed(20), dtype=torch.float64)
     a, g = x @ x.T, gram(out, out, 21)
-    refuse_wide_eigh(monkeypatch, inn)
+    refuse_wide(monkeypatch, "eigh", inn)
     q = extend(prior, a, g, scale=3.0, prior_scale=0.5)
     expected = 3.0 * torch.kron(a, g) + torch.eye(inn * out, dtype=torch.float64)
     dense = q.decomposition().dense()
@@ -163,7 +160,7 @@ def test_an_indefinite_new_factor_is_refused_against_an_isotropic_prior() -> Non
 
 def test_a_diagonal_factor_is_decomposed_without_lapack(monkeypatch: pytest.MonkeyPatch) -> None:
     diag = torch.tensor([3.0, 1.0, 2.0, 0.0] * 10, dtype=torch.float64)
-    refuse_wide_eigh(monkeypatch, 2)
+    refuse_wide(monkeypatch, "eigh", 2)
     values, vectors = diagonal_eigh(torch.diag(diag))
     torch.testing.assert_close(values, diag.sort().values)
     torch.testing.assert_close((vectors * values) @ vectors.T, torch.diag(diag))

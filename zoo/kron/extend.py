@@ -72,11 +72,14 @@ def extend(prior: KronPrecision, a: Tensor, g: Tensor, scale: float = 1.0, prior
     iso = isotropic_value(prior)
     if iso is not None:
         out = new.rescaled(damping=ps * iso)
-        roots = {side: _low_rank_eigh(x, side, out._rtol) for side, x in (("A", out.A[0]), ("G", out.G[0]))}
-        for side, cache in (("A", out._eig_a), ("G", out._eig_g)):
-            if roots[side] is not None:
-                cache[0] = roots[side][0]  # the decomposition's eigenbases, without the n³ eigensolver
-        out.new_input_root = None if roots["A"] is None else roots["A"][1]
+        # the decomposition's eigenbases, without the n³ eigensolver where a factor has a root
+        root_a = _low_rank_eigh(out.A[0], "A", out._rtol)
+        root_g = _low_rank_eigh(out.G[0], "G", out._rtol)
+        if root_a is not None:
+            out._eig_a[0] = root_a[0]
+        if root_g is not None:
+            out._eig_g[0] = root_g[0]
+        out.new_input_root = None if root_a is None else root_a[1]
         return out
     if len(prior.terms) == 1 and prior.damping == 0:
         validate_psd(new.A[0], "A", new._rtol)
