@@ -219,6 +219,36 @@ def test_addition_carries_the_prior_eigendecomposition() -> None:
     assert rel(vec(post.solve(ones)), torch.linalg.inv(post.dense()) @ vec(ones)) < 1e-8
 
 
+def test_provided_factor_eigendecompositions_are_used_and_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    a, g = spd(5, seed=5), spd(3, seed=6)
+    given_a, given_g = torch.linalg.eigh(a), torch.linalg.eigh(g)
+    p = KronPrecision([(a, g)], [2.0], 0.3)
+    p.provide_factor_eigh(0, a=(given_a.eigenvalues, given_a.eigenvectors), g=(given_g.eigenvalues,
+                                                                              given_g.eigenvectors))
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the eigensolver ran on a factor whose decomposition was provided")
+
+    monkeypatch.setattr(torch.linalg, "eigh", refuse)
+    assert rel(p.dense(), 2.0 * torch.kron(a, g) + 0.3 * torch.eye(15, dtype=F64)) < 1e-12
+    with pytest.raises(InvalidFactorError, match=r"A\[0\] must be \(5,\) values"):
+        p.provide_factor_eigh(0, a=(given_g.eigenvalues, given_g.eigenvectors))
+
+
+def test_keeping_factor_eigendecompositions_drops_the_others_and_keeps_the_decomposition() -> None:
+    prior = KronPrecision([(spd(5, seed=3), spd(3, seed=4))])
+    prior.decomposition()
+    post = KronPrecision([(spd(5, rank=2, seed=1), spd(3, rank=1, seed=2))], [2.0]) + 0.5 * prior
+    dec = post.decomposition()
+    post.factor_eigh(0)
+    assert set(post._eig_a) == {0, 1}
+    kept = post.keeping_factor_eigh({0})
+    assert set(kept._eig_a) == set(kept._eig_g) == {0} and kept._dec is dec
+    assert set(post._eig_a) == {0, 1}  # the original is untouched
+    assert set(KronPrecision.from_tensors(kept.to_tensors()).to_tensors()) == set(kept.to_tensors())
+    assert not any(k.startswith("eig.A.1") for k in kept.to_tensors())
+
+
 # ---- KL --------------------------------------------------------------------------------------------------------
 
 

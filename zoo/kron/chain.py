@@ -70,11 +70,7 @@ def without_cached_eigh(p: KronPrecision) -> KronPrecision:
     artifact would vary with which of its terms happened to be decomposed before. Term 0's are kept, since saving
     computes them anyway.
     """
-    out = p.rescaled()
-    out._dec = p._dec
-    out._eig_a = {k: v for k, v in p._eig_a.items() if k == 0}
-    out._eig_g = {k: v for k, v in p._eig_g.items() if k == 0}
-    return out
+    return p.keeping_factor_eigh({0})
 
 
 def relative_error(used: KronPrecision, exact: KronPrecision) -> float:

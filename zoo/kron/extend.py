@@ -75,10 +75,7 @@ def extend(prior: KronPrecision, a: Tensor, g: Tensor, scale: float = 1.0, prior
         # the decomposition's eigenbases, without the n³ eigensolver where a factor has a root
         root_a = _low_rank_eigh(out.A[0], "A", out._rtol)
         root_g = _low_rank_eigh(out.G[0], "G", out._rtol)
-        if root_a is not None:
-            out._eig_a[0] = root_a[0]
-        if root_g is not None:
-            out._eig_g[0] = root_g[0]
+        out.provide_factor_eigh(0, a=None if root_a is None else root_a[0], g=None if root_g is None else root_g[0])
         out.new_input_root = None if root_a is None else root_a[1]
         return out
     if len(prior.terms) == 1 and prior.damping == 0:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from typing import Literal
 
 import torch
@@ -112,6 +112,31 @@ class KronPrecision:
     def factor_eigh(self, k: int = 0) -> tuple[Eigh, Eigh]:
         """float64 eigendecompositions (values, vectors) of term k's A and G, computed once and stored with it."""
         return self._eigh("A", k), self._eigh("G", k)
+
+    def provide_factor_eigh(self, k: int, *, a: Eigh | None = None, g: Eigh | None = None) -> None:
+        """Store eigendecompositions of term k's factors that the caller computed another way (zoo.kron.extend takes
+        them from a certified low-rank root), so the decomposition does not run the O(n³) eigensolver on them. The
+        caller vouches for their accuracy; shapes are checked, and a decomposition already made is kept."""
+        for side, eigh, factors, cache in (("A", a, self.A, self._eig_a), ("G", g, self.G, self._eig_g)):
+            if eigh is None:
+                continue
+            n = factors[k].shape[0]
+            values, vectors = eigh
+            if values.shape != (n,) or vectors.shape != (n, n):
+                raise InvalidFactorError(f"an eigendecomposition of {side}[{k}] must be ({n},) values and ({n}, {n}) "
+                                         f"vectors, got {tuple(values.shape)} and {tuple(vectors.shape)}")
+            cache[k] = (values.to(self.device, FACTOR_DTYPE), vectors.to(self.device, FACTOR_DTYPE))
+
+    def keeping_factor_eigh(self, terms: Container[int]) -> KronPrecision:
+        """The same precision, decomposition included, storing only the listed terms' factor eigendecompositions.
+
+        A sum carries the eigendecompositions of every term it was made from; what it stores (and so what an
+        artifact writes) then depends on which terms happened to be decomposed before (zoo.kron.chain)."""
+        new = self._derived(self.scales, self.damping)
+        new._dec, new._error = self._dec, self._error
+        new._eig_a = {k: v for k, v in self._eig_a.items() if k in terms}
+        new._eig_g = {k: v for k, v in self._eig_g.items() if k in terms}
+        return new
 
     def decomposition(self) -> Decomposition:
         """The decomposed form all operations use, computed once (float64)."""
