@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from digits_task import CLASSES, batches, downstream
+from digits_task import CLASSES, batches, downstream, l2sp_fine_tune
 from transfer_task import NETWORKS, Upstream, upstream
 
 import zoo
@@ -110,24 +110,6 @@ def fresh(up: Upstream, seed: int) -> tuple[nn.Module, zoo.Prior]:
     return zoo.load(str(up.prior_dir), num_classes=CLASSES, reset_head=True)  # defaults: the new head's λ too
 
 
-def train_map(model: nn.Module, train: Batches, wd: float, epochs: int) -> float:
-    """L2-SP fine-tune in place (Adam, eval mode, the protocol's epochs and lr); returns the seconds it took."""
-    head = model.pretrained_cfg["classifier"]
-    anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
-    is_head = {n: n == head or n.startswith(head + ".") for n in anchor}
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    opt = torch.optim.Adam([p for _, p in params], lr=LR)
-    model.eval()
-    t0 = time.perf_counter()
-    for _ in range(epochs):
-        for x, y in train:
-            opt.zero_grad(set_to_none=True)
-            penalty = sum(((p if is_head[n] else p - anchor[n]) ** 2).sum() for n, p in params)
-            (F.cross_entropy(model(x), y) + 0.5 * wd * penalty).backward()
-            opt.step()
-    return time.perf_counter() - t0
-
-
 @torch.no_grad()
 def softmax_predict(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     """(probs, log-probs) of the network itself, float64."""
@@ -167,7 +149,7 @@ def cv_nll(up: Upstream, x: Tensor, y: Tensor, fold: Tensor, seed: int, wd: floa
     for f in fold.unique():
         inside = fold != f
         model, _ = fresh(up, seed)
-        train_map(model, batches(x[inside], y[inside]), wd, epochs)
+        l2sp_fine_tune(model, batches(x[inside], y[inside]), wd, epochs=epochs, lr=LR)
         _, log_p = softmax_predict(model, x[~inside])
         total += -log_p.gather(1, y[~inside, None]).sum().item()
     return total / x.shape[0]
@@ -180,7 +162,7 @@ def run_map(up: Upstream, train: Batches, x: Tensor, y: Tensor, seed: int,
     fits: list[tuple[float, nn.Module, dict[str, Any]]] = []
     for wd in WD_GRID:
         model, _ = fresh(up, seed)
-        seconds = train_map(model, train, wd, epochs)
+        seconds = l2sp_fine_tune(model, train, wd, epochs=epochs, lr=LR)
         t0 = time.perf_counter()
         probs, log_p = softmax_predict(model, x)
         ood_probs, _ = softmax_predict(model, up.ood_images)

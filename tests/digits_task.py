@@ -12,6 +12,7 @@ import functools
 import itertools
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -80,6 +81,25 @@ def pretrain(arch: str, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: fl
             F.cross_entropy(model(xb), yb).backward()
             opt.step()
     return model.eval()
+
+
+def l2sp_fine_tune(model: torch.nn.Module, train: Batches, wd: float, *, epochs: int, lr: float) -> float:
+    """The MAP baseline, in place: Adam in eval mode with weight decay toward the pretrained body and toward zero
+    for the new head (L2-SP), at the given epochs and lr; returns the seconds it took."""
+    head = model.pretrained_cfg["classifier"]
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    anchor = {n: (torch.zeros_like(p) if n == head or n.startswith(head + ".") else p.detach().clone())
+              for n, p in params}
+    opt = torch.optim.Adam([p for _, p in params], lr=lr)
+    model.eval()
+    t0 = time.perf_counter()
+    for _ in range(epochs):
+        for x, y in train:
+            opt.zero_grad(set_to_none=True)
+            penalty = sum(((p - anchor[n]) ** 2).sum() for n, p in params)
+            (F.cross_entropy(model(x), y) + 0.5 * wd * penalty).backward()
+            opt.step()
+    return time.perf_counter() - t0
 
 
 @functools.cache

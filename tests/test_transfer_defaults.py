@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from digits_task import CLASSES, HEAD_LAMBDA, Batches, downstream, upstream_prior_dir
+from digits_task import CLASSES, HEAD_LAMBDA, Batches, downstream, l2sp_fine_tune, upstream_prior_dir
 from torch import nn
 
 import zoo
@@ -33,17 +32,7 @@ def fresh(seed: int) -> tuple[nn.Module, zoo.Prior]:
 
 def l2sp(seed: int, train: Batches, wd: float) -> nn.Module:
     model, _ = fresh(seed)
-    head = model.pretrained_cfg["classifier"]
-    anchor = {n: (torch.zeros_like(p) if n.startswith(head + ".") else p.detach().clone())
-              for n, p in model.named_parameters()}
-    opt = torch.optim.Adam(model.parameters(), lr=LR)
-    model.eval()
-    for _ in range(EPOCHS):
-        for x, y in train:
-            opt.zero_grad(set_to_none=True)
-            penalty = sum(((p - anchor[n]) ** 2).sum() for n, p in model.named_parameters())
-            (F.cross_entropy(model(x), y) + 0.5 * wd * penalty).backward()
-            opt.step()
+    l2sp_fine_tune(model, train, wd, epochs=EPOCHS, lr=LR)
     return model
 
 
