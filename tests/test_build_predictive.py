@@ -10,19 +10,19 @@ from torch import nn
 
 import zoo
 from zoo import metrics
-from zoo.calibration import ACCURACY_SLACK
+from zoo.calibration import ACCURACY_SLACK, ECE_SLACK
 
 
 @pytest.fixture(scope="module")
 def overconfident() -> tuple[nn.Module, zoo.Prior, torch.Tensor, torch.Tensor]:
-    """An MLP trained to overconfidence on 300 digits; its prior built on those plus 150 held-out ones."""
+    """An MLP trained to overconfidence on 300 digits; its prior built on those plus 450 held-out ones."""
     data = load_digits()
     x = torch.tensor(data.data, dtype=torch.float32) / 16.0
     y = torch.tensor(data.target)
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     x, y = x[order], y[order]
     train_x, train_y = x[:300], y[:300]
-    held = (x[300:450], y[300:450])
+    held = (x[300:750], y[300:750])
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -32,16 +32,16 @@ def overconfident() -> tuple[nn.Module, zoo.Prior, torch.Tensor, torch.Tensor]:
         opt.step()
     loader = [held, *[(train_x[i:i + 100], train_y[i:i + 100]) for i in range(0, 300, 100)]]
     prior = zoo.build_prior(model, loader, holdout=0.25, progress=False, generator=torch.Generator().manual_seed(0))
-    return model, prior, x[450:], y[450:]
+    return model, prior, x[750:], y[750:]
 
 
 def test_held_out_figures_are_recorded_and_meet_the_targets(overconfident) -> None:
     _, prior, _, _ = overconfident
     held = prior.meta["holdout"]
-    assert held["n"] == 150 and held["met"]
+    assert held["n"] == 450 and held["met"]
     assert held["predictive"]["accuracy"] >= held["network"]["accuracy"] - ACCURACY_SLACK
     assert held["predictive"]["nll"] <= held["network"]["nll"]
-    assert held["predictive"]["ece"] <= held["network"]["ece"]
+    assert held["predictive"]["ece"] <= held["network"]["ece"] + ECE_SLACK
     assert held["t"] < max(row["t"] for row in held["grid"])  # a real width, not the network itself
 
 

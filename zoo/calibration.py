@@ -1,7 +1,8 @@
 """A Gaussian's width chosen on held-out data, so that its predictive is at least as good as its network's.
 
 A prior is the Laplace posterior of its upstream data, and must predict like the network it came from: on
-held-out upstream data its accuracy within half a point of the network's, its NLL and ECE no worse. The scale fit
+held-out upstream data its accuracy within half a point of the network's, its NLL no worse, its ECE no worse
+beyond ECE_SLACK (ECE's resolution on a few hundred images). The scale fit
 (zoo.scales) serves the PAC-Bayes bound, not this; so the whole precision is then multiplied by the t of
 `PRECISION_GRID` that gives the lowest held-out NLL among the widths meeting those three conditions and keeping
 the network's top-1 answer on all but half a percent of the held-out images. The
@@ -29,12 +30,28 @@ if TYPE_CHECKING:
 PRECISION_GRID: tuple[float, ...] = tuple(10.0 ** (k / 2) for k in range(13))  # 1 … 1e6, half-decades
 ACCURACY_SLACK = 0.005
 """The predictive may lose at most half a point of held-out accuracy against the network."""
+ECE_SLACK = 0.005
+"""ECE differences smaller than this count as ties. ECE is binned: one image crossing a bin edge moves it by up to
+2/n of that image's gap, so near the network (large t) it jitters by a few thousandths with the Monte Carlo draws.
+Held to a strict inequality, no width met the conditions on 8 of 12 data splits and thread counts of
+tests/test_build_predictive.py's task (450 held-out digits), not even t = 10⁶, the network itself up to rounding;
+within half a point all 12 met."""
 
 
 def predictive_probs(mean: Tensor, deviations: Tensor, t: float) -> Tensor:
     """(N, C) Bayesian model average of softmax(mean + deviation_s / √t)."""
     logits = mean[None].double() + deviations.double() / math.sqrt(t)
     return torch.softmax(logits, dim=-1).mean(0)
+
+
+def _scores(probs: Tensor, y: Tensor, network: Tensor | None = None) -> dict[str, float]:
+    """Accuracy and NLL of (N, C) probabilities; with the network's own probabilities, also ECE and the share of
+    its top-1 answers kept (what a prior is held to)."""
+    out = {"accuracy": metrics.accuracy(probs, y), "nll": metrics.nll(probs, y)}
+    if network is not None:
+        out["ece"] = metrics.ece(probs, y)
+        out["agreement"] = (probs.argmax(-1) == network.argmax(-1)).double().mean().item()
+    return out
 
 
 def _linear_parts(
@@ -70,17 +87,14 @@ def select_precision_multiplier(
         raise DataError(f"held-out labels must be class indices in [0, {mean.shape[-1]}); the build data's labels "
                         "are used to check the prior's predictive, so give the loader real labels or holdout=0")
     net = torch.softmax(mean.double(), dim=-1)
-    reference = {"accuracy": metrics.accuracy(net, y), "nll": metrics.nll(net, y), "ece": metrics.ece(net, y)}
+    reference = {k: v for k, v in _scores(net, y, net).items() if k != "agreement"}
     rows = []
     for t in grid:
-        probs = predictive_probs(mean, deviations, t)
-        row = {"t": float(t), "accuracy": metrics.accuracy(probs, y), "nll": metrics.nll(probs, y),
-               "ece": metrics.ece(probs, y),
-               "agreement": (probs.argmax(-1) == net.argmax(-1)).double().mean().item()}
+        row = {"t": float(t), **_scores(predictive_probs(mean, deviations, t), y, net)}
         # the prior is the network's Bayesian counterpart: it may change at most ACCURACY_SLACK of its top-1 answers
         # (on a few held-out images accuracy alone could be kept while the answers move)
         row["meets"] = (row["accuracy"] >= reference["accuracy"] - ACCURACY_SLACK and row["nll"] <= reference["nll"]
-                        and row["ece"] <= reference["ece"] and row["agreement"] >= 1 - ACCURACY_SLACK)
+                        and row["ece"] <= reference["ece"] + ECE_SLACK and row["agreement"] >= 1 - ACCURACY_SLACK)
         rows.append(row)
     feasible = [r for r in rows if r["meets"]]
     chosen = min(feasible, key=lambda r: r["nll"]) if feasible else max(rows, key=lambda r: r["t"])
@@ -130,12 +144,10 @@ def select_width(
     """
     y, mean, deviations = _linear_parts(gaussian, batches, mode, samples, generator,
                                         "the training loader yielded no batches to choose the width on", spans)
-    net = torch.softmax(mean.double(), dim=-1)
-    reference = {"accuracy": metrics.accuracy(net, y), "nll": metrics.nll(net, y)}
+    reference = _scores(torch.softmax(mean.double(), dim=-1), y)
     rows = []
     for width in grid:
-        probs = predictive_probs(mean, deviations, 1.0 / width)
-        row = {"T": float(width), "accuracy": metrics.accuracy(probs, y), "nll": metrics.nll(probs, y)}
+        row = {"T": float(width), **_scores(predictive_probs(mean, deviations, 1.0 / width), y)}
         row["meets"] = (row["accuracy"] >= reference["accuracy"]
                         and row["nll"] <= reference["nll"] + slack / y.shape[0])
         rows.append(row)
