@@ -37,6 +37,7 @@ from zoo.layers import DiagLayer, KronLayer, Layer
 from zoo.loading import replace_head, reset_classifier
 from zoo.posterior import Posterior
 from zoo.prior import Prior
+from zoo.tuning import finetune, strength_groups
 
 DENSE_LIMIT = 1024
 """Layers with at most this many weights also get their approximation's KL to the exact sum, on dense matrices."""
@@ -172,8 +173,6 @@ def learn_chain(
     Later tasks use the recursion as it is.
     `after_task(t, model, heads)` is called after each task (0-based t; the heads so far), e.g. to evaluate.
     """
-    from zoo.tuning import finetune
-
     if approximation not in APPROXIMATIONS:
         raise ConfigError(f"approximation must be one of {APPROXIMATIONS}, got {approximation!r}")
     tasks = list(tasks)
@@ -325,8 +324,6 @@ def _diag_factors(post: Posterior) -> dict[str, tuple[float, float]]:
     strength = meta.get("strength") or {}
     kappas = strength.get("kappa") if strength.get("method") == "marglik" else None
     sharpen = float((meta.get("sharpen") or {}).get("chosen") or 1.0)
-    from zoo.tuning import strength_groups
-
     groups = strength_groups(post.prior) if post.prior is not None else {}
     out = {}
     for label, s in (meta.get("scales") or {}).items():
