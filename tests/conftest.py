@@ -8,15 +8,11 @@ import pytest
 from digits_task import one_intra_op_thread
 
 
-def _one_intra_op_thread() -> Iterator[None]:
-    with one_intra_op_thread():
-        yield
-
-
 @pytest.fixture
 def one_thread() -> Iterator[None]:
     """Few-shot fine-tunes are chaotic in the last bits: pin the arithmetic to one thread, as it was measured."""
-    yield from _one_intra_op_thread()
+    with one_intra_op_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -24,4 +20,5 @@ def one_thread_per_module() -> Iterator[None]:
     """One intra-op thread for a whole module whose factors' eigendecompositions are small: two threads on two
     shared cores made them 100× slower (measured: tests/test_continual.py in 7 min instead of 30 s while other
     jobs ran)."""
-    yield from _one_intra_op_thread()
+    with one_intra_op_thread():
+        yield

@@ -120,7 +120,7 @@ def l2sp_fine_tune(model: torch.nn.Module, train: Batches, wd: float, *, epochs:
 def upstream_prior_dir(epochs: int = 8, seed: int = 0, lam: float | None = PRIOR_LAMBDA,
                        holdout: float = 0.1) -> Path:
     """Pretrain on digits 0–4 but HOLDOUT of them, build the prior with those first, save; lives for the process.
-    One thread, so that every machine gets the same upstream network and prior."""
+    One thread, so that the core count does not change the upstream network and prior."""
     with one_intra_op_thread():
         return _build_upstream_prior(epochs, seed, lam, holdout)
 
