@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from digits_task import one_intra_op_thread
+from intra_op import one_intra_op_thread
 
 
 @pytest.fixture

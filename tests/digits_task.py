@@ -13,13 +13,13 @@ import itertools
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import timm
 import torch
 import torch.nn.functional as F
+from intra_op import one_intra_op_thread
 from PIL import Image
 from sklearn.datasets import load_digits
 
@@ -64,19 +64,6 @@ HOLDOUT = 128
 """Upstream digits kept out of pretraining: the first batch of the build data, which build_prior holds out."""
 HEAD_LAMBDA = 24.0
 """The new head's N(0, λ⁻¹I), fixed in advance (≈ d/‖θ‖² of the upstream network)."""
-
-
-@contextmanager
-def one_intra_op_thread() -> Iterator[None]:
-    """Pin torch to one intra-op thread: pretraining and few-shot fine-tunes are chaotic in the last bits, so their
-    results would otherwise depend on the machine's core count (a 20-shot NLL comparison flipped between 2 and 4
-    threads)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def pretrain(arch: str, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float, seed: int) -> torch.nn.Module:
