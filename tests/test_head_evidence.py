@@ -12,7 +12,15 @@ from torch import nn
 
 import zoo
 from zoo.calibration import TRAIN_LOGLIK_SLACK
-from zoo.head_evidence import ALPHA_GRID, log_evidence, reduce_features, refit, refit_new_heads
+from zoo.head_evidence import (
+    ALPHA_GRID,
+    EVIDENCE_MARGIN,
+    log_evidence,
+    no_evidence_for_a_head,
+    reduce_features,
+    refit,
+    refit_new_heads,
+)
 from zoo.layers import IsoLayer
 from zoo.prior import Prior
 
@@ -123,6 +131,38 @@ def test_no_evidence_for_a_head_shrinks_it_as_far_as_the_training_likelihood_all
     assert net.head.weight.norm().item() < trained_norm
     # what the shrinkage gave up is recorded, so that Q's width gets only the rest of the joint region
     assert record["loglik_given_up"] == pytest.approx(nll - trained_nll, abs=1e-4)
+
+
+def test_a_flat_evidence_near_no_head_is_no_evidence_for_one() -> None:
+    """The evidence's maximum a few rows in from the strongest α, by thousandths of a nat: taken literally, that
+    head predicted the training points almost uniformly (3.06 nats over three points, 3·ln 3 = 3.30). It must count
+    as no evidence, and the likelihood-ratio rule set the scale."""
+    torch.manual_seed(7)  # one of 11 in 200 seeds of this setup where the flat evidence peaks off the edge
+    net = Net(3)
+    x, y = torch.randn(3, 4) * 2, torch.tensor([0, 1, 2])
+    opt = torch.optim.Adam(net.head.parameters(), lr=0.1)
+    for _ in range(200):
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+    with torch.no_grad():
+        trained_nll = F.cross_entropy(net(x), y, reduction="sum").item()
+    (record,) = refit_new_heads(net, head_prior(net, 1.0), [(x, y)], torch.device("cpu")).values()
+    table = record["table"]
+    peak = max(table, key=lambda r: r["log_evidence"])
+    assert peak is not table[-1] and peak["log_evidence"] - table[-1]["log_evidence"] < EVIDENCE_MARGIN
+    assert no_evidence_for_a_head(table)
+    assert record["rule"] == "likelihood-ratio" and record["alpha"] < peak["alpha"]
+    assert peak["train_nll_sum"] > trained_nll + TRAIN_LOGLIK_SLACK  # the literal peak: rejected by the data
+    with torch.no_grad():
+        assert F.cross_entropy(net(x), y, reduction="sum").item() <= trained_nll + TRAIN_LOGLIK_SLACK + 1e-4
+
+
+def test_evidence_well_above_no_head_keeps_the_evidence_rule() -> None:
+    rows = [{"log_evidence": v} for v in (-9.0, -5.0, -7.0, -8.0)]
+    assert not no_evidence_for_a_head(rows)  # 3 nats above the strongest α
+    assert no_evidence_for_a_head([{"log_evidence": v} for v in (-9.0, -7.5, -8.0)])  # half a nat: a bare mention
+    assert no_evidence_for_a_head([{"log_evidence": v} for v in (-9.0, -8.0)])  # the strongest edge itself
 
 
 def test_finetune_records_the_refit_of_a_timm_head() -> None:

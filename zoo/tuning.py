@@ -314,11 +314,11 @@ WIDTH_NOTE = (
 )
 HEAD_REFIT_NOTE = (
     "each new head re-fitted on the trained body's features at the N(0, α⁻¹I) with the highest exact Laplace "
-    "evidence (MAP re-fitted per α, α = λ·10^(k/2), k = −8…8); where the evidence peaks at the strongest α (no "
-    "evidence for any head, as at one shot per class), the strongest re-fit whose training log-likelihood stays "
-    "within 1.92 nats of the trained head's with no training example lost; kept as trained at the weakest edge. "
-    "The mean is trained without a prior on the head, so a new head's logits are overconfident on few-shot data; "
-    "benchmarks/transfer.py measures what the re-fit does."
+    "evidence (MAP re-fitted per α, α = λ·10^(k/2), k = −8…8); where no α's evidence beats the strongest α's by a "
+    "Bayes factor of 3 (no evidence for any head, as at one shot per class), the strongest re-fit whose training "
+    "log-likelihood stays within 1.92 nats of the trained head's with no training example lost; kept as trained at "
+    "the weakest edge. The mean is trained without a prior on the head, so a new head's logits are overconfident on"
+    " few-shot data; benchmarks/transfer.py measures what the re-fit does."
 )
 STRENGTHS = ("marglik", "bound")
 MEAN_PENALTIES = ("reference", "none")
