@@ -107,8 +107,10 @@ def l2sp_fine_tune(model: torch.nn.Module, train: Batches, wd: float, *, epochs:
 def upstream_prior_dir(epochs: int = 8, seed: int = 0, lam: float | None = PRIOR_LAMBDA,
                        holdout: float = 0.1) -> Path:
     """Pretrain on digits 0–4 but HOLDOUT of them, build the prior with those first, save; lives for the process.
-    One thread, so that the core count does not change the upstream network and prior."""
-    with one_intra_op_thread():
+    One thread, so that the core count does not change the upstream network and prior; and the global RNG left as
+    it was, so that `torch.manual_seed(s); zoo.load(upstream_prior_dir(), reset_head=True)` initialises the new
+    head alike on the first call of a process (which builds) and every later one (before, the two differed)."""
+    with one_intra_op_thread(), torch.random.fork_rng(devices=[]):
         return _build_upstream_prior(epochs, seed, lam, holdout)
 
 
