@@ -443,6 +443,7 @@ def targets(network: str, shots: int, table: dict[str, dict[str, Any]], default:
         ("accuracy ≥ its mean network − 1 point", "accuracy", lambda a, b: a >= b - 0.01 - 1e-9, wrapped),
         ("NLL < its mean network", "nll", lambda a, b: a < b, wrapped),
         ("ECE ≤ its mean network", "ece", lambda a, b: a <= b, wrapped),
+        ("OOD AUROC (entropy) > its mean network", "ood_auroc_entropy", lambda a, b: a > b, wrapped),
     ]
     out = []
     for name, key, passes, ref in checks:
