@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from digits_task import downstream
-from transfer import EPOCHS, LR, fresh, subsample
+from transfer import EPOCHS, LR, fresh, paired, softmax_predict, subsample
 from transfer_task import NETWORKS, upstream
 
 import zoo
@@ -49,9 +49,7 @@ def one_seed(network: str, shots: int, seed: int, max_test: int) -> dict[str, tu
                         generator=torch.Generator().manual_seed(seed))
     images = torch.cat([x, *sets.values()])
     pred = post.predict(images, generator=torch.Generator().manual_seed(seed))  # one call: shared draws
-    post.model.eval()
-    with torch.no_grad():
-        mean_probs = post.model(images).double().softmax(-1)
+    mean_probs, _ = softmax_predict(post.model, images)
     out, start, n = {}, x.shape[0], x.shape[0]
     for name, ood in sets.items():
         part = slice(start, start + ood.shape[0])
@@ -79,11 +77,11 @@ def main() -> None:
         print("|---|---|---|---|---|")
         for name in runs[0]:
             rows = [r[name] for r in runs]
-            diffs = [b - a for a, b, _ in rows]
-            se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+            d = paired({"per_seed": [{"auroc": b} for _, b, _ in rows]},
+                       {"per_seed": [{"auroc": a} for a, _, _ in rows]}, "auroc")
+            diff = f"{d['paired_diff']:+.3f} ± {d['paired_se']:.3f}" if d else "–"
             means = [statistics.mean(r[i] for r in rows) for i in range(3)]
-            print(f"| {name} | {means[0]:.3f} | {means[1]:.3f} | {statistics.mean(diffs):+.3f} ± {se:.3f} | "
-                  f"{means[2]:.3f} |", flush=True)
+            print(f"| {name} | {means[0]:.3f} | {means[1]:.3f} | {diff} | {means[2]:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ predictive (the network it wraps).
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 from pathlib import Path
@@ -23,8 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import test_transfer_defaults as suite
-from digits_task import batches, downstream
-from transfer import CV_FOLDS, WD_GRID, cv_folds
+from digits_task import downstream
+from transfer import CV_FOLDS, WD_GRID, cv_folds, cv_nll, paired, softmax_predict
 
 import zoo
 from zoo import metrics
@@ -38,43 +39,27 @@ def scores(probs: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
             "confidence": probs.max(-1).values.mean().item()}
 
 
-def map_probs(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        return model(x).softmax(-1)
-
-
-def cv_nll(x: torch.Tensor, y: torch.Tensor, fold: torch.Tensor, seed: int, wd: float) -> float:
-    """Mean held-out NLL of the k-fold L2-SP fine-tunes on the shots alone."""
-    total = 0.0
-    for f in fold.unique():
-        inside = fold != f
-        model = suite.l2sp(seed, batches(x[inside], y[inside]), wd)
-        total += -map_probs(model, x[~inside]).double().log().gather(1, y[~inside, None]).sum().item()
-    return total / x.shape[0]
-
-
 def one_seed(shots: int, seed: int) -> dict[str, dict[str, float]]:
     train, x, y = downstream(shots, seed)
     x, y = x[: suite.TEST_IMAGES], y[: suite.TEST_IMAGES]
     model, prior = suite.fresh(seed)
     post = zoo.finetune(model, prior, train, progress=False, generator=torch.Generator().manual_seed(seed))
     rows = {"ours": scores(post.predict(x, generator=torch.Generator().manual_seed(seed)).probs, y),
-            "ours, mean network": scores(map_probs(post.model, x), y)}
-    fits = {wd: scores(map_probs(suite.l2sp(seed, train, wd), x), y) for wd in WD_GRID}
+            "ours, mean network": scores(softmax_predict(post.model, x)[0], y)}
+    fits = {wd: scores(softmax_predict(suite.l2sp(seed, train, wd), x)[0], y) for wd in WD_GRID}
     shots_x, shots_y = torch.cat([b[0] for b in train]), torch.cat([b[1] for b in train])
     fold = cv_folds(shots_y, min(CV_FOLDS, shots_x.shape[0]), seed)
-    fair = min(WD_GRID, key=lambda wd: cv_nll(shots_x, shots_y, fold, seed, wd))
+    fit = functools.partial(suite.l2sp, seed)
+    fair = min(WD_GRID, key=lambda wd: cv_nll(fit, shots_x, shots_y, fold, wd))
     oracle = min(WD_GRID, key=lambda wd: fits[wd]["nll"])
     rows["MAP, fair"] = dict(fits[fair], wd=fair)
     rows["MAP, oracle"] = dict(fits[oracle], wd=oracle)
     return rows
 
 
-def paired(runs: list[dict[str, dict[str, float]]], a: str, b: str, key: str) -> str:
-    d = [r[a][key] - r[b][key] for r in runs]
-    se = statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else float("nan")
-    return f"{statistics.mean(d):+.3f} ± {se:.3f}"
+def paired_text(runs: list[dict[str, dict[str, float]]], a: str, b: str, key: str) -> str:
+    d = paired({"per_seed": [r[a] for r in runs]}, {"per_seed": [r[b] for r in runs]}, key)
+    return f"{d['paired_diff']:+.3f} ± {d['paired_se']:.3f}" if d else "–"
 
 
 def main() -> None:
@@ -96,7 +81,7 @@ def main() -> None:
             means = [statistics.mean(r[row][c] for r in runs) for c in (*COLUMNS, "confidence")]
             print(f"| {row} | " + " | ".join(f"{m:.3f}" for m in means) + " |")
         for base in ("MAP, fair", "MAP, oracle", "ours, mean network"):
-            print(f"ours − {base}: " + ", ".join(f"{c} {paired(runs, 'ours', base, c)}" for c in COLUMNS))
+            print(f"ours − {base}: " + ", ".join(f"{c} {paired_text(runs, 'ours', base, c)}" for c in COLUMNS))
         print()
 
 

@@ -147,13 +147,13 @@ def cv_folds(y: Tensor, k: int, seed: int) -> Tensor:
     return fold
 
 
-def cv_nll(up: Upstream, x: Tensor, y: Tensor, fold: Tensor, seed: int, wd: float, epochs: int) -> float:
-    """Mean held-out NLL of k-fold L2-SP fine-tunes on the training shots (x, y) alone (what a user can tune on)."""
+def cv_nll(fine_tune: Callable[[Batches, float], nn.Module], x: Tensor, y: Tensor, fold: Tensor, wd: float) -> float:
+    """Mean held-out NLL of k-fold fine-tunes at decay wd on the training shots (x, y) alone (what a user can tune
+    on); `fine_tune(batches, wd)` returns a network fine-tuned from the common start."""
     total = 0.0
     for f in fold.unique():
         inside = fold != f
-        model, _ = fresh(up, seed)
-        l2sp_fine_tune(model, batches(x[inside], y[inside]), wd, epochs=epochs, lr=LR)
+        model = fine_tune(batches(x[inside], y[inside]), wd)
         _, log_p = softmax_predict(model, x[~inside])
         total += -log_p.gather(1, y[~inside, None]).sum().item()
     return total / x.shape[0]
@@ -177,7 +177,13 @@ def run_map(up: Upstream, train: Batches, x: Tensor, y: Tensor, seed: int,
     t0 = time.perf_counter()
     shots_x, shots_y = torch.cat([b[0] for b in train]), torch.cat([b[1] for b in train])
     fold = cv_folds(shots_y, min(CV_FOLDS, shots_x.shape[0]), seed)
-    scores = [cv_nll(up, shots_x, shots_y, fold, seed, wd, epochs) for wd in WD_GRID]
+
+    def fold_fit(part: Batches, wd: float) -> nn.Module:
+        model, _ = fresh(up, seed)
+        l2sp_fine_tune(model, part, wd, epochs=epochs, lr=LR)
+        return model
+
+    scores = [cv_nll(fold_fit, shots_x, shots_y, fold, wd) for wd in WD_GRID]
     cv_seconds = time.perf_counter() - t0
     chosen = fits[min(range(len(WD_GRID)), key=scores.__getitem__)]
     fair = dict(chosen[2], fit_s=chosen[2]["fit_s"] + cv_seconds,
