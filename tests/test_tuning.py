@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import zoo
-from zoo import DataError, ModelError, NumericalError
+from zoo import DataError, ModelError, NumericalError, tuning
 from zoo.layers import IsoLayer, KronLayer
 from zoo.marglik import STRENGTH_GRID
 from zoo.pacbayes import catoni_grid
@@ -149,6 +149,58 @@ def test_laplace_width_never_widens_the_body_past_its_prior(prior_and_model) -> 
             for key, p in layer.precision.items():
                 assert bool((q.precision[key].double() >= p.double() * (1 - 1e-12)).all()), (name, key)
 
+
+
+
+def _separable(seed: int, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    x = torch.randn(n, 8, generator=torch.Generator().manual_seed(seed))
+    y = (x @ torch.randn(8, 3, generator=torch.Generator().manual_seed(99))).argmax(1)
+    return [(x[i : i + 8], y[i : i + 8]) for i in range(0, n, 8)]
+
+
+def _wider(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def test_the_body_keeps_the_prior_width_where_its_evidence_is_weaker_than_the_width(monkeypatch) -> None:
+    """Q = (F_new + max(κ, T₁)·P)/T₂, not (F_new + P)/T₁: T₁ is chosen with the body floored at P, then T₂ ≤ T₁ with
+    the floor lowered to T₁. Against the old Q = (F_new + P)/T₁, F_new = T₁·Q_old − P, so the new precision is exactly
+    (T₁·Q_old − (1 − T₁)·P)/T₂: unseen directions keep the prior's width instead of T₁ times less. Eight separable
+    examples on a 16-wide layer: the case where the data leave directions open and T < 1."""
+    base = _wider()
+    prior = zoo.build_prior(base, _separable(0, 64), progress=False, generator=torch.Generator().manual_seed(0))
+
+    def fit() -> zoo.Posterior:
+        model = _wider()
+        model.load_state_dict(base.state_dict())
+        return finetune(model, prior, _separable(3, 8), epochs=10, lr=1e-2, progress=False, width="laplace",
+                        generator=torch.Generator().manual_seed(0))
+
+    post = fit()
+    monkeypatch.setattr(tuning, "BODY_FLOOR_FOLLOWS_WIDTH", False)
+    old = fit()
+    chosen, t1 = post.meta["width"]["selection"], old.meta["width"]["selection"]["T"]
+    t2 = chosen["T"]
+    assert post.meta["strength"]["kappa"]["body"] < t1 < 1.0  # the case the lowered floor is for
+    assert chosen["first"]["T"] == t1 and chosen["body_floor"] == t1 and t2 <= t1
+    checked = 0
+    for name, layer in prior.layers.items():
+        if isinstance(layer, KronLayer):
+            p = layer.precision.dense()
+            expected = (t1 * old.layers[name].precision.dense() - (1.0 - t1) * p) / t2
+            torch.testing.assert_close(post.layers[name].precision.dense(), expected, rtol=1e-6,
+                                       atol=1e-9 * expected.diagonal().abs().max().item())
+            gap = post.layers[name].precision.dense() - p  # still never wider than the prior
+            assert torch.linalg.eigvalsh(0.5 * (gap + gap.T)).min().item() >= -1e-9 * p.diagonal().max().item()
+            checked += 1
+        else:
+            for key, p in layer.precision.items():
+                expected = (t1 * old.layers[name].precision[key].double() - (1.0 - t1) * p.double()) / t2
+                torch.testing.assert_close(post.layers[name].precision[key].double(), expected, rtol=1e-6,
+                                           atol=1e-12)
+                checked += 1
+    assert checked >= 3
 
 def bn_model(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
