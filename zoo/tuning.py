@@ -272,7 +272,7 @@ def finetune(
 
         laplace, temperature, width_record = widest(floor, WIDTH_GRID)
         if BODY_FLOOR_FOLLOWS_WIDTH:
-            floor, laplace, temperature, width_record = _body_at_its_evidence(
+            floor, laplace, temperature, width_record = _floor_body_at_width(
                 floor, by_layer, groups, laplace, temperature, width_record, widest)
         layers = dict(laplace.scaled(dict.fromkeys(laplace.layers, 1.0 / temperature)).layers)
         pieces = PosteriorFit(pieces.unit, pieces.params, spectra, None, blocks.n, blocks.nll_sum, by_layer)
@@ -419,7 +419,8 @@ AUTO_BOUND = 0.2
 isotropic prior's 5-shot posteriors (KL under 7 nats once the head is re-fitted) to the bound-fitted width, whose
 predictive fell to 0.21–0.40 accuracy on 4 of 5 seeds (benchmarks/transfer.py): a bound near 0.5 says little."""
 BODY_COVARIANCE_FLOOR = 1.0
-"""Q's body precision is F_new + max(κ, this)·P: the evidence may weaken the prior for the mean, not widen Q."""
+"""The first width choice's body precision is F_new + max(κ, this)·P: the evidence may weaken the prior for the mean,
+not widen Q past it (BODY_FLOOR_FOLLOWS_WIDTH then lowers this to the width found)."""
 BODY_FLOOR_FOLLOWS_WIDTH = True
 """Q = (F_new + κ̄P)/T is never wider than P where κ̄ ≥ T. So once T₁ is chosen with κ̄ = max(κ, 1), the body's
 floor drops to max(κ, T₁) and T is chosen again at or below T₁: where κ < T the body's precision is F_new/T + P, the
@@ -429,7 +430,7 @@ on inputs unlike the training data (benchmarks/ood_sets.py): on efficientnet_gn 
 predictive's NLL and ECE and raised its AUROC against uniform noise (docs/method.md §6)."""
 
 
-def _body_at_its_evidence(floor: dict[str, float], kappa: dict[str, float], groups: dict[str, str],
+def _floor_body_at_width(floor: dict[str, float], kappa: dict[str, float], groups: dict[str, str],
                           laplace: Posterior, temperature: float, record: dict[str, Any],
                           widest: Callable[[dict[str, float], Sequence[float]],
                                            tuple[Posterior, float, dict[str, Any]]],
