@@ -150,8 +150,6 @@ def test_laplace_width_never_widens_the_body_past_its_prior(prior_and_model) -> 
                 assert bool((q.precision[key].double() >= p.double() * (1 - 1e-12)).all()), (name, key)
 
 
-
-
 def _separable(seed: int, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     x = torch.randn(n, 8, generator=torch.Generator().manual_seed(seed))
     y = (x @ torch.randn(8, 3, generator=torch.Generator().manual_seed(99))).argmax(1)
@@ -201,6 +199,7 @@ def test_the_body_keeps_the_prior_width_where_its_evidence_is_weaker_than_the_wi
                                            atol=1e-12)
                 checked += 1
     assert checked >= 3
+
 
 def bn_model(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)

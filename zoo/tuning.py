@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -245,7 +245,7 @@ def finetune(
     mean = {k: v.detach().clone().cpu() for k, v in model.named_parameters() if v.requires_grad}
     # Q's precision in the body never falls below the prior's own (checked upstream to predict well): κ only
     # weakens the prior for the mean, so unseen directions cannot widen past the calibrated prior
-    floor = {name: (max(k, BODY_COVARIANCE_FLOOR) if groups[name] == "body" else k) for name, k in by_layer.items()}
+    floor = _body_floor(by_layer, groups, BODY_COVARIANCE_FLOOR)
     laplace_layers = pieces.laplace_layers(floor)
     spectra = pieces.rescaled_spectra(by_layer)  # against κP, the prior the certificate uses
     chosen_width = width
@@ -261,19 +261,23 @@ def finetune(
         taylor = pieces.taylor_bound(chosen, delta)
     else:
         chosen, selection = None, []
+        spans = training_spans(blocks, laplace_layers, approx, pieces.unit)  # the same for every κ̄
 
-        def widest(kappas: dict[str, float], grid: Sequence[float]) -> tuple[Posterior, float, dict[str, Any]]:
-            q = Posterior(mean, pieces.laplace_layers(kappas), {}, model=model, prior=reference)
+        def widest(candidate: dict[str, Layer], grid: Sequence[float]) -> tuple[Posterior, float, dict[str, Any]]:
+            q = Posterior(mean, candidate, {}, model=model, prior=reference)
             t, record = select_width(q, train_loader, mode=check_mode(None), samples=selection_samples * 2,
-                                     generator=torch.Generator().manual_seed(seed + 2),
-                                     spans=training_spans(blocks, q.layers, approx, pieces.unit),
+                                     generator=torch.Generator().manual_seed(seed + 2), spans=spans,
                                      slack=width_slack(head_record), grid=grid)
             return q, t, record
 
-        laplace, temperature, width_record = widest(floor, WIDTH_GRID)
-        if BODY_FLOOR_FOLLOWS_WIDTH:
-            floor, laplace, temperature, width_record = _floor_body_at_width(
-                floor, by_layer, groups, laplace, temperature, width_record, widest)
+        laplace, temperature, width_record = widest(laplace_layers, WIDTH_GRID)
+        lowered = _body_floor(by_layer, groups, temperature)
+        if BODY_FLOOR_FOLLOWS_WIDTH and lowered != floor:  # choose T again, at or below the first choice
+            again, t, second = widest(pieces.laplace_layers(lowered), [w for w in WIDTH_GRID if w <= temperature])
+            if second["met"]:  # otherwise the data reject the wider body at every T: the first choice stands
+                width_record = {**second, "first": {"T": temperature, "body_floor": BODY_COVARIANCE_FLOOR},
+                                "body_floor": temperature}
+                floor, laplace, temperature = lowered, again, t
         layers = dict(laplace.scaled(dict.fromkeys(laplace.layers, 1.0 / temperature)).layers)
         pieces = PosteriorFit(pieces.unit, pieces.params, spectra, None, blocks.n, blocks.nll_sum, by_layer)
         alphas = {sp.name: floor[_name(sp.name)] / by_layer[_name(sp.name)] for sp in spectra}
@@ -430,20 +434,9 @@ on inputs unlike the training data (benchmarks/ood_sets.py): on efficientnet_gn 
 predictive's NLL and ECE and raised its AUROC against uniform noise (docs/method.md §6)."""
 
 
-def _floor_body_at_width(floor: dict[str, float], kappa: dict[str, float], groups: dict[str, str],
-                          laplace: Posterior, temperature: float, record: dict[str, Any],
-                          widest: Callable[[dict[str, float], Sequence[float]],
-                                           tuple[Posterior, float, dict[str, Any]]],
-                          ) -> tuple[dict[str, float], Posterior, float, dict[str, Any]]:
-    """The body floored at max(κ, T₁) instead of max(κ, 1), T re-chosen on the grid at or below T₁."""
-    lowered = {name: (max(k, temperature) if groups[name] == "body" else k) for name, k in kappa.items()}
-    if lowered == floor:
-        return floor, laplace, temperature, record
-    again, t, second = widest(lowered, [w for w in WIDTH_GRID if w <= temperature])
-    if not second["met"]:  # a wider body the data reject at every T: keep the first choice
-        return floor, laplace, temperature, record
-    return lowered, again, t, {**second, "first": {"T": temperature, "body_floor": BODY_COVARIANCE_FLOOR},
-                               "body_floor": temperature}
+def _body_floor(kappa: dict[str, float], groups: dict[str, str], at_least: float) -> dict[str, float]:
+    """κ̄ per layer: max(κ, at_least) in the pretrained body, κ in a new head."""
+    return {name: (max(k, at_least) if groups[name] == "body" else k) for name, k in kappa.items()}
 
 
 STRENGTH_NOTE = (
