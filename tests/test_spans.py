@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import zoo
+import zoo.kron.decomposition
 from zoo.curvature import kfac
 from zoo.errors import ConfigError
 from zoo.kron import KronPrecision
@@ -14,17 +15,61 @@ from zoo.predictive import Predictor
 from zoo.tuning import training_spans
 
 
-def test_projected_draws_are_the_full_draws_times_the_projector() -> None:
+def _layer(terms: int = 1) -> tuple[KronPrecision, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    a = torch.randn(12, 12, generator=g, dtype=torch.float64)
-    gg = torch.randn(3, 3, generator=g, dtype=torch.float64)
-    p = KronPrecision([(a @ a.T + torch.eye(12, dtype=torch.float64), gg @ gg.T + torch.eye(3, dtype=torch.float64))])
+    pairs = []
+    for _ in range(terms):
+        a = torch.randn(12, 12, generator=g, dtype=torch.float64)
+        gg = torch.randn(3, 3, generator=g, dtype=torch.float64)
+        pairs.append((a @ a.T + torch.eye(12, dtype=torch.float64), gg @ gg.T + torch.eye(3, dtype=torch.float64)))
     q = torch.linalg.qr(torch.randn(12, 4, generator=g, dtype=torch.float64)).Q
+    return KronPrecision(pairs), q
+
+
+def _projected_covariance(p: KronPrecision, q: torch.Tensor) -> torch.Tensor:
+    """Dense Cov[vec(W QQᵀ)] = (QQᵀ ⊗ I) Λ⁻¹ (QQᵀ ⊗ I), vec stacking columns."""
+    proj = torch.kron(q @ q.T, torch.eye(p.shape[0], dtype=torch.float64))
+    return proj @ torch.linalg.inv(p.dense()) @ proj
+
+
+@pytest.mark.parametrize("terms", [1, 2])
+def test_the_row_roots_give_the_projected_covariance_exactly(terms: int) -> None:
+    """W·Q = T_out·M, M's row o ~ N(0, L_o L_oᵀ): the covariance those roots imply is the dense projected one."""
+    p, q = _layer(terms)
+    dec = p.decomposition()
+    _, _, roots, _ = dec._span(q, torch.float64, dec.device)
+    out, r = p.shape[0], q.shape[1]
+    cov_m = torch.zeros(out * r, out * r, dtype=torch.float64)  # vec(M): index a·out + o
+    for o in range(out):
+        idx = torch.arange(r) * out + o
+        cov_m[idx[:, None], idx[None, :]] = roots[o] @ roots[o].T
+    lift = torch.kron(q.contiguous(), dec.side_out.T.contiguous())  # vec(T_out M Qᵀ) = (Q ⊗ T_out) vec(M)
+    torch.testing.assert_close(lift @ cov_m @ lift.T, _projected_covariance(p, q), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("roots", [True, False])
+def test_projected_draws_have_the_projected_covariance(roots: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both samplers, through the public draw: the empirical covariance of 100 000 draws against the dense one."""
+    if not roots:
+        monkeypatch.setattr(zoo.kron.decomposition, "SPAN_ROOT_MAX_RANK", 0)
+    p, q = _layer(2)
+    n = 100_000
+    draws = p.sample(n, torch.Generator().manual_seed(1), dtype=torch.float64, span=q)
+    v = draws.mT.reshape(n, -1)
+    reference = _projected_covariance(p, q)
+    assert ((v.T @ v / n - reference).abs().max() / reference.abs().max()).item() < 0.03
+    with pytest.raises(ConfigError, match="input span"):
+        p.sample(1, span=q[:5])
+
+
+def test_without_roots_the_projected_draws_are_the_full_draws_times_the_projector(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past SPAN_ROOT_MAX_RANK the projection takes the full draw's own noise: W·QQᵀ of the very same W."""
+    monkeypatch.setattr(zoo.kron.decomposition, "SPAN_ROOT_MAX_RANK", 0)
+    p, q = _layer()
     full = p.sample(5, torch.Generator().manual_seed(1), dtype=torch.float64)
     projected = p.sample(5, torch.Generator().manual_seed(1), dtype=torch.float64, span=q)
     torch.testing.assert_close(projected, full @ q @ q.T)
-    with pytest.raises(ConfigError, match="input span"):
-        p.sample(1, span=q[:5])
 
 
 def test_draws_are_rotated_on_the_requested_device_from_the_same_noise() -> None:
@@ -59,7 +104,11 @@ def conv_posterior() -> tuple[zoo.Prior, torch.Tensor, torch.Tensor, dict[str, t
     return prior, x[30:32], x[32:], spans, blocks, model
 
 
-def test_spans_leave_the_training_deviations_unchanged_and_only_those(conv_posterior) -> None:
+def test_spans_leave_the_training_deviations_unchanged_and_only_those(conv_posterior,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Drawn from the full noise (no roots), the projected deviations on the training inputs are the full ones, draw
+    for draw; on other inputs they are not."""
+    monkeypatch.setattr(zoo.kron.decomposition, "SPAN_ROOT_MAX_RANK", 0)
     prior, train_x, other_x, spans, _, _ = conv_posterior
     assert {k: tuple(v.shape) for k, v in spans.items()} == {"0": (73, 8), "3": (17, 2)}
     assert training_spans({}, dict(prior.layers), "reduce") == {}
@@ -72,6 +121,21 @@ def test_spans_leave_the_training_deviations_unchanged_and_only_those(conv_poste
     assert not torch.allclose(parts(other_x, spans), parts(other_x, None), rtol=1e-2, atol=1e-3)
     with pytest.raises(ConfigError, match="glm"):
         Predictor(prior, mode="nn", samples=2, spans=spans)
+
+
+def test_root_drawn_spans_keep_the_training_deviations_distribution(conv_posterior) -> None:
+    """With the row roots (both spans here are narrow enough) the draws are another stream: on the training inputs
+    the deviations' covariance over 2000 draws matches the full draws'; on other inputs it is smaller."""
+    prior, train_x, other_x, spans, _, _ = conv_posterior
+
+    def covariance(x: torch.Tensor, use: dict | None) -> torch.Tensor:
+        predictor = Predictor(prior, mode="glm", samples=2000, generator=torch.Generator().manual_seed(3), spans=use)
+        dev = predictor.linear_parts(x)[1].reshape(2000, -1).double()
+        return dev.T @ dev / dev.shape[0]
+
+    full, projected = covariance(train_x, None), covariance(train_x, spans)
+    assert ((projected - full).abs().max() / full.abs().max()).item() < 0.08  # 0.043 measured
+    assert covariance(other_x, spans).trace() < 0.5 * covariance(other_x, None).trace()  # 0.18 measured
 
 
 def test_spans_reuse_the_root_the_extension_found(conv_posterior, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -22,6 +22,13 @@ from torch import Tensor
 from zoo.errors import InvalidFactorError, SingularPrecisionError
 from zoo.kron.validate import diagonal_of
 
+SPAN_ROOT_MAX_RANK = 32
+"""Projected draws through per-row roots up to this span rank. The roots cost out·in·r² once per span and
+decomposition, each draw then out·r normals and the output rotation; the full draw costs out·in normals and a
+multiply every time. At 512 × 4608 (one thread, float32 draws): r = 5, 11 ms once then 6 ms a draw, against
+27 ms; r = 25, 125 ms then 5 ms, against 30 ms; r = 64, 709 ms then 13 ms, against 30 ms, so past about 40 the
+16 draws of a width selection no longer pay for the roots."""
+
 
 @dataclass(frozen=True)
 class Basis:
@@ -156,33 +163,55 @@ class Decomposition:
                span: Tensor | None = None, device: torch.device | str | None = None) -> Tensor:
         """n draws from N(0, Λ⁻¹): Z scaled by D^{-1/2}, rotated once per side (2 matmuls).
 
-        With `span` (in × r, orthonormal columns Q) the draws are projected on the input side, W·QQᵀ, from the
-        same Z: what any input in span(Q) sees of them, at r/in of the input side's cost.
+        With `span` (in × r, orthonormal columns Q) the draws are the projections W·QQᵀ: what any input in span(Q)
+        sees of them. W·Q = T_out·M with M's rows independent, row o ~ N(0, Rᵀ diag(D_o⁻¹) R), R = T_inᵀQ; for
+        r ≤ SPAN_ROOT_MAX_RANK M is drawn from those rows' Cholesky roots (out·r normals, not out·in), otherwise
+        from the full Z. Both are exact in distribution; they are different random streams.
 
-        `device` (default: where the decomposition lives) is where the rotation runs and the draws land. Z comes
-        from `generator` on the generator's own device and moves there, so a CPU generator gives the same draws
-        on any device (up to the matmuls' rounding); the rotation bases are copied to `device` once and cached."""
+        `device` (default: where the decomposition lives) is where the rotation runs and the draws land. The noise
+        comes from `generator` on the generator's own device and moves there, so a CPU generator gives the same
+        draws on any device (up to the matmuls' rounding); the rotation bases are copied to `device` once and
+        cached."""
         out, inn = self.shape
         dt = dtype or self.dtype
         target = self.device if device is None else torch.device(device)
-        t_out, t_in, scale = self._sampler_on(dt, target)
         source = generator.device if generator is not None else target
+        if span is not None:
+            q, rotated, roots, t_out = self._span(span, dt, target)
+            if roots is not None:
+                eps = torch.randn((n, out, q.shape[1], 1), generator=generator, dtype=dt, device=source).to(target)
+                return t_out @ (roots @ eps)[..., 0] @ q.mT
+        t_out, t_in, scale = self._sampler_on(dt, target)
         z = torch.randn((n, out, inn), generator=generator, dtype=dt, device=source).to(target)
         if span is None:
             return t_out @ (z * scale) @ t_in.mT
-        q, rotated = self._span(span, dt, target)
         return t_out @ ((z * scale) @ rotated) @ q.mT
 
-    def _span(self, span: Tensor, dt: torch.dtype, target: torch.device) -> tuple[Tensor, Tensor]:
-        """(Q, T_inᵀQ) in `dt` on `target`, computed once per span (a width selection draws 16 times through it)."""
+    def _span(self, span: Tensor, dt: torch.dtype,
+              target: torch.device) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+        """(Q, T_inᵀQ, the rows' roots or None, T_out) in `dt` on `target`, computed once per span (a width
+        selection draws 16 times through it). With roots, T_in is never converted (at 4608 wide that copy cost
+        more than the 16 draws)."""
         cache = self.__dict__.setdefault("_spans", {})
         hit = cache.get((id(span), dt, target))
         if hit is None or hit[0] is not span:
             q = span.to(self.side_in.T)
-            hit = (span, q.to(target, dt), (q.mT @ self.side_in.T).mT.to(target, dt))  # Tᵀ·Q as (QᵀT)ᵀ: a thin
-            # Q after a transposed square T took a slow path (1.18 s against 0.09 s at 4608 × 5, measured)
+            rotated = (q.mT @ self.side_in.T).mT  # Tᵀ·Q as (QᵀT)ᵀ: a thin Q after a transposed square T took a
+            # slow path (1.18 s against 0.09 s at 4608 × 5, measured)
+            roots = self._row_roots(rotated) if q.shape[1] <= SPAN_ROOT_MAX_RANK else None
+            hit = (span, q.to(target, dt), rotated.to(target, dt), None if roots is None else roots.to(target, dt),
+                   self.side_out.T.to(target, dt))
             cache[(id(span), dt, target)] = hit
-        return hit[1], hit[2]
+        return hit[1], hit[2], hit[3], hit[4]
+
+    def _row_roots(self, rotated: Tensor) -> Tensor | None:
+        """(out, r, r) lower Cholesky roots of Rᵀ diag(D_o⁻¹) R, row o's covariance of W·Q in T_out's coordinates,
+        in float64; None where one is not numerically positive definite (the full draw is used instead)."""
+        r = rotated.shape[1]
+        outer = (rotated[:, :, None] * rotated[:, None, :]).reshape(rotated.shape[0], r * r)
+        cov = (1.0 / self.positive_diagonal()) @ outer.to(self.dtype)
+        roots, info = torch.linalg.cholesky_ex(cov.reshape(-1, r, r))
+        return None if bool((info != 0).any()) else roots
 
     def _sampler(self, dt: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
         return self.side_out.T.to(dt), self.side_in.T.to(dt), self.positive_diagonal().rsqrt().to(dt)
