@@ -143,7 +143,7 @@ class Prior:
                 span = None if spans is None else spans.get(name)
                 dev = module.weight.device  # rotated where the network runs: on a GPU, 2 matmuls there per layer
                 draw = layer.precision.sample(1, generator=generator, dtype=torch.float32, span=span, device=dev)[0]
-                out.update({prefix + k: v for k, v in split_matrix(module, draw).items()})
+                out.update({prefix + k: v.contiguous() for k, v in split_matrix(module, draw).items()})
             elif isinstance(layer, DiagLayer):
                 for local, prec in layer.precision.items():
                     noise = _noise(prec.shape, generator).to(prec.device)
