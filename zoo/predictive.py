@@ -142,8 +142,8 @@ class Predictor:
             self._z = z
         else:
             mean = {k: v for k, v in model.named_parameters() if k in gaussian.mean}
-            # glm tangents are θ_s − θ̂ from whole draws: taking Prior.deviations (+ μ − θ̂) instead made the JVPs
-            # about 2× slower on resnet10t (0.57–0.71 s against 0.30–0.40 s for 16 draws, not yet understood)
+            # glm tangents are θ_s − θ̂ from whole draws: tried, zero-mean deviations plus μ − θ̂ made the JVPs about
+            # 2× slower on resnet10t (0.57–0.71 s against 0.30–0.40 s for 16 draws, not yet understood)
             self._draws = [_like(gaussian.sample(model, gen, spans=spans), mean) for _ in range(samples)]
             if self.mode == "glm":
                 self._draws = [{k: d[k] - mean[k].detach() for k in d} for d in self._draws]

@@ -116,21 +116,7 @@ class Prior:
 
     def sample(self, model: nn.Module, generator: torch.Generator | None = None,
                spans: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
-        """One draw θ ~ N(μ, Λ⁻¹) as {parameter name: tensor}, seeded by `generator`: μ + `deviations`."""
-        centre = self.centre(model)
-        draws = self.deviations(model, generator, spans)
-        params = dict(model.named_parameters())
-        out = {}
-        for k, v in draws.items():
-            value = centre[k].to(v.device) + v if k in centre else v
-            out[k] = in_layout_of(value, params[k]) if k in params else value
-        return out
-
-    def deviations(self, model: nn.Module, generator: torch.Generator | None = None,
-                   spans: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
-        """One draw of θ − μ (float32), the same random stream as `sample`: what a linearised predictive needs,
-        without adding μ and subtracting it again (two passes per draw, and float32 rounding of a narrow draw
-        against a large mean).
+        """One draw θ ~ N(μ, Λ⁻¹) as {parameter name: tensor}, seeded by `generator`.
 
         `spans` ({Kronecker layer: in × r orthonormal Q}) projects those layers' deviations onto the inputs in
         span(Q) (KronPrecision.sample): exact for a linearised predictive evaluated on those inputs only."""
@@ -143,11 +129,12 @@ class Prior:
                 span = None if spans is None else spans.get(name)
                 dev = module.weight.device  # rotated where the network runs: on a GPU, 2 matmuls there per layer
                 draw = layer.precision.sample(1, generator=generator, dtype=torch.float32, span=span, device=dev)[0]
-                out.update({prefix + k: v.contiguous() for k, v in split_matrix(module, draw).items()})
+                full = self._layer_mean(name, module).float().to(dev) + draw
+                out.update({prefix + k: v for k, v in split_matrix(module, full).items()})
             elif isinstance(layer, DiagLayer):
                 for local, prec in layer.precision.items():
                     noise = _noise(prec.shape, generator).to(prec.device)
-                    out[prefix + local] = noise * prec.float().rsqrt()
+                    out[prefix + local] = self._mean_of(name, local).float() + noise * prec.float().rsqrt()
             else:
                 for local in layer.params:
                     shape = getattr(module, local).shape
@@ -155,20 +142,6 @@ class Prior:
                     out[prefix + local] = noise / math.sqrt(layer.lam)
         params = dict(model.named_parameters())
         return {k: in_layout_of(v, params[k]) if k in params else v for k, v in out.items()}
-
-    def centre(self, model: nn.Module) -> dict[str, Tensor]:
-        """μ (float32) of every parameter with a Kronecker or diagonal block; an isotropic block's mean is zero."""
-        modules = dict(model.named_modules())
-        out: dict[str, Tensor] = {}
-        for name, layer in self.layers.items():
-            module = _module(modules, name)
-            prefix = f"{name}." if name else ""
-            if isinstance(layer, KronLayer):
-                full = self._layer_mean(name, module).float().to(module.weight.device)
-                out.update({prefix + k: v for k, v in split_matrix(module, full).items()})
-            elif isinstance(layer, DiagLayer):
-                out.update({prefix + local: self._mean_of(name, local).float() for local in layer.precision})
-        return out
 
     def predict(
         self,
