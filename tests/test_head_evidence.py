@@ -11,10 +11,12 @@ from digits_task import CLASSES, downstream, upstream_prior_dir
 from torch import nn
 
 import zoo
-from zoo.calibration import TRAIN_LOGLIK_SLACK
+from zoo import tuning
+from zoo.calibration import JOINT_LOGLIK_SLACK, TRAIN_LOGLIK_SLACK
 from zoo.head_evidence import (
     ALPHA_GRID,
     EVIDENCE_MARGIN,
+    head_slack,
     log_evidence,
     no_evidence_for_a_head,
     reduce_features,
@@ -22,6 +24,7 @@ from zoo.head_evidence import (
     refit_new_heads,
 )
 from zoo.layers import IsoLayer
+from zoo.predictive import Predictor
 from zoo.prior import Prior
 
 
@@ -106,7 +109,8 @@ def test_separable_data_gets_the_evidence_optimal_head() -> None:
 
 def test_no_evidence_for_a_head_shrinks_it_as_far_as_the_training_likelihood_allows() -> None:
     """One point per class: the evidence prefers a zero head. The head taken is the strongest re-fit that keeps
-    every training point right and the total log-likelihood within TRAIN_LOGLIK_SLACK of the trained head's."""
+    every training point right and the total log-likelihood within the joint region of the head and Q's width
+    (JOINT_LOGLIK_SLACK: the head's spread is pinned, so its shrinkage is what tempers it)."""
     torch.manual_seed(1)
     net = Net(3)
     x, y = torch.randn(3, 4), torch.tensor([0, 1, 2])
@@ -122,12 +126,13 @@ def test_no_evidence_for_a_head_shrinks_it_as_far_as_the_training_likelihood_all
     table = record["table"]
     assert max(table, key=lambda r: r["log_evidence"]) is table[-1]  # the strongest edge
     assert record["refit"] is True and record["rule"] == "likelihood-ratio"
-    tolerated = [r for r in table if r["train_correct"] == 3 and r["train_nll_sum"] <= trained_nll + TRAIN_LOGLIK_SLACK]
+    tolerated = [r for r in table if r["train_correct"] == 3 and r["train_nll_sum"] <= trained_nll + JOINT_LOGLIK_SLACK]
     assert record["alpha"] == max(r["alpha"] for r in tolerated) < table[-1]["alpha"]
+    assert record["loglik_slack"] == head_slack(1) == JOINT_LOGLIK_SLACK
     with torch.no_grad():
         nll = F.cross_entropy(net(x), y, reduction="sum").item()
         assert (net(x).argmax(-1) == y).all()
-    assert trained_nll < nll <= trained_nll + TRAIN_LOGLIK_SLACK + 1e-4  # float32 weights
+    assert trained_nll < nll <= trained_nll + JOINT_LOGLIK_SLACK + 1e-4  # float32 weights
     assert net.head.weight.norm().item() < trained_norm
     # what the shrinkage gave up is recorded, so that Q's width gets only the rest of the joint region
     assert record["loglik_given_up"] == pytest.approx(nll - trained_nll, abs=1e-4)
@@ -153,9 +158,15 @@ def test_a_flat_evidence_near_no_head_is_no_evidence_for_one() -> None:
     assert peak is not table[-1] and peak["log_evidence"] - table[-1]["log_evidence"] < EVIDENCE_MARGIN
     assert no_evidence_for_a_head(table)
     assert record["rule"] == "likelihood-ratio" and record["alpha"] < peak["alpha"]
-    assert peak["train_nll_sum"] > trained_nll + TRAIN_LOGLIK_SLACK  # the literal peak: rejected by the data
+    assert peak["train_nll_sum"] > trained_nll + JOINT_LOGLIK_SLACK  # the literal peak: rejected by the data
     with torch.no_grad():
-        assert F.cross_entropy(net(x), y, reduction="sum").item() <= trained_nll + TRAIN_LOGLIK_SLACK + 1e-4
+        assert F.cross_entropy(net(x), y, reduction="sum").item() <= trained_nll + JOINT_LOGLIK_SLACK + 1e-4
+
+
+def test_several_unidentified_heads_share_the_joint_region() -> None:
+    assert head_slack(1) == pytest.approx(JOINT_LOGLIK_SLACK)
+    assert head_slack(2) == pytest.approx(0.5 * 7.814728 / 2, abs=1e-5)  # ½χ²₃(0.95), halved
+    assert head_slack(1) > TRAIN_LOGLIK_SLACK
 
 
 def test_evidence_well_above_no_head_keeps_the_evidence_rule() -> None:
@@ -177,3 +188,37 @@ def test_finetune_records_the_refit_of_a_timm_head() -> None:
     off = zoo.finetune(*zoo.load(upstream_prior_dir(), num_classes=CLASSES, reset_head=True), train, epochs=3,
                        progress=False, refit_head=False, generator=torch.Generator().manual_seed(0))
     assert off.meta["head_refit"] == {"enabled": False, "heads": {}, "note": record["note"]}
+
+
+def test_one_shot_pins_the_new_heads_spread_and_certifies_the_pinned_q(monkeypatch) -> None:
+    """At one shot per class the likelihood-ratio rule sets the head's scale; its spread is pinned at
+    PINNED_HEAD_WIDTH × T, so the head-only `fast` predictive is nearly the mean network, and the certificate's KL is
+    the KL of that Q (τ = T·PINNED_HEAD_WIDTH for the head, T for the body)."""
+    train, x, _ = downstream(1, 0)
+
+    def fit() -> zoo.Posterior:
+        torch.manual_seed(0)
+        model, prior = zoo.load(upstream_prior_dir(), num_classes=CLASSES, reset_head=True)
+        return zoo.finetune(model, prior, train, epochs=3, progress=False, generator=torch.Generator().manual_seed(0))
+
+    post = fit()
+    (name, head), = post.meta["head_refit"]["heads"].items()
+    assert head["refit"] is True and head["rule"] == "likelihood-ratio"
+    assert 0.0 < head["loglik_given_up"] <= JOINT_LOGLIK_SLACK + 1e-6
+    selection = post.meta["width"]["selection"]
+    assert selection["slack"] == pytest.approx(JOINT_LOGLIK_SLACK - head["loglik_given_up"])
+    assert post.meta["width"]["pinned_heads"] == {name: tuning.PINNED_HEAD_WIDTH}
+    scales = post.meta["scales"]
+    body = [s["tau"] for label, s in scales.items() if label != name]
+    assert scales[name]["tau"] == pytest.approx(selection["T"] * tuning.PINNED_HEAD_WIDTH)
+    assert body and all(t == pytest.approx(selection["T"]) for t in body)
+    assert post.kl(post.prior).item() == pytest.approx(post.meta["bound"]["kl"], rel=1e-6)
+
+    def head_spread(p: zoo.Posterior) -> float:
+        _, deviations = Predictor(p, mode="fast", samples=16, seed=0).linear_parts(x[:64])
+        return deviations.std().item()
+
+    monkeypatch.setattr(tuning, "PINNED_HEAD_WIDTH", 1.0)
+    unpinned = fit()
+    assert unpinned.meta["width"]["pinned_heads"] == {name: 1.0}
+    assert head_spread(post) < 0.01 * head_spread(unpinned)

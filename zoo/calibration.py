@@ -115,6 +115,17 @@ shrinkage (zoo.head_evidence, where its evidence cannot choose) and then Q's wid
 training log-likelihood by this much below the trained network's, not by 1.92 each."""
 
 
+def joint_slack(parameters: int) -> float:
+    """½·χ²ₖ(0.95) for k parameters set on one training likelihood (k = 1, 2 without scipy's 1 s import)."""
+    if parameters == 1:
+        return TRAIN_LOGLIK_SLACK
+    if parameters == 2:
+        return JOINT_LOGLIK_SLACK
+    from scipy.stats import chi2
+
+    return 0.5 * float(chi2.ppf(0.95, parameters))
+
+
 def select_width(
     gaussian: Prior,
     batches: Iterable[Any],

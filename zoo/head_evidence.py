@@ -8,10 +8,11 @@ dimensions once the features are reduced to their rank (the GGN of a linear soft
 with the highest evidence replaces the trained one. Where no α beats the grid's strongest by a Bayes factor of 3
 (EVIDENCE_MARGIN; at one shot per class the evidence prefers a head of zero, or is flat near it: the data give no
 evidence for any head), the data cannot choose α but can bound it: the head taken is the strongest re-fit that keeps
-every training example right and the total training log-likelihood within zoo.calibration.TRAIN_LOGLIK_SLACK nats of
-the trained head's, the rule zoo.finetune uses for Q's width (measured in benchmarks/transfer.py at one shot per
-class: resnet10t NLL 2.06 → 1.35, ECE 0.18 → 0.12; efficientnet_gn NLL 1.43 → 1.32, ECE 0.18 → 0.11). At the weakest
-edge the trained head is kept; the record says which rule applied.
+every training example right and the total training log-likelihood within the likelihood-ratio region of the
+parameters set on it (the head and Q's width T: ½χ²₂(0.95) = 3.00 nats for one head; zoo.tuning pins such a head's
+spread and gives T what is left). Measured in benchmarks/transfer.py at one shot per class, against the trained
+head: resnet10t NLL 2.06 → 1.35, ECE 0.18 → 0.12; efficientnet_gn NLL 1.43 → 1.32, ECE 0.18 → 0.11 (with a 1.92-nat
+region and the head's spread kept). At the weakest edge the trained head is kept; the record says which rule applied.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from zoo.calibration import TRAIN_LOGLIK_SLACK
+from zoo.calibration import joint_slack
 from zoo.errors import DataError, NumericalError
 from zoo.layers import IsoLayer
 from zoo.prior import Prior
@@ -182,7 +183,8 @@ def refit_new_heads(model: nn.Module, prior: Prior, loader: Iterable[Any],
         if no_evidence_for_a_head(rows):  # the evidence wants no head at all: shrink as far as the data allow
             trained = torch.cat([linear.weight.detach().double().cpu(), linear.bias.detach().double().cpu()[:, None]],
                                 1) if linear.bias is not None else linear.weight.detach().double().cpu()
-            best, trained_nll = _strongest_tolerated(z, y, table, phi @ trained.T, rows)
+            slack = head_slack(len(heads))
+            best, trained_nll = _strongest_tolerated(z, y, table, phi @ trained.T, rows, slack)
             rule = "likelihood-ratio"
         if best is None or best == 0:
             reason = ("no head has more evidence than the grid's strongest edge, and no stronger re-fit keeps the "
@@ -200,13 +202,22 @@ def refit_new_heads(model: nn.Module, prior: Prior, loader: Iterable[Any],
         if trained_nll is not None:
             # the training log-likelihood this shrinkage gave up: Q's width gets the rest (zoo.tuning.width_slack)
             records[name]["loglik_given_up"] = rows[best]["train_nll_sum"] - trained_nll
+            records[name]["loglik_slack"] = slack
     return records
 
 
+def head_slack(heads: int) -> float:
+    """The training log-likelihood each of `heads` new heads may give up under the likelihood-ratio rule: an equal
+    share of the region ½χ²ₖ₊₁(0.95) of the heads and Q's width T (3.00 nats for one head), T taking what is left
+    (zoo.tuning.width_slack). A head's shrinkage is all that tempers its predictions, since its spread is pinned
+    (zoo.tuning.unidentified_heads)."""
+    return joint_slack(heads + 1) / heads
+
+
 def _strongest_tolerated(z: Tensor, y: Tensor, table: list[dict[str, Any]], trained_logits: Tensor,
-                         rows: list[dict[str, Any]]) -> tuple[int | None, float]:
+                         rows: list[dict[str, Any]], slack: float) -> tuple[int | None, float]:
     """The strongest α whose re-fit the training data do not reject against the trained head: every training
-    example still right, total log-likelihood within TRAIN_LOGLIK_SLACK nats (zoo.calibration's rule for Q's width,
+    example still right, total log-likelihood within `slack` nats (zoo.calibration's rule for Q's width,
     here for the head's scale). Where the evidence prefers a zero head, few-shot data cannot pick a precision, but
     they can bound how small the head may be; the trained head itself (no prior) is the unshrunk end. Returns the
     row (None: none qualifies) and the trained head's total training NLL."""
@@ -218,6 +229,6 @@ def _strongest_tolerated(z: Tensor, y: Tensor, table: list[dict[str, Any]], trai
         nll = F.cross_entropy(logits, y, reduction="sum").item()
         correct = (logits.argmax(-1) == y).sum().item()
         rows[i].update(train_nll_sum=nll, train_correct=correct)
-        if correct >= reference_correct and nll <= reference_nll + TRAIN_LOGLIK_SLACK:
+        if correct >= reference_correct and nll <= reference_nll + slack:
             chosen = i
     return chosen, reference_nll

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from zoo import __version__
-from zoo.calibration import JOINT_LOGLIK_SLACK, TRAIN_LOGLIK_SLACK, WIDTH_GRID, select_width
+from zoo.calibration import TRAIN_LOGLIK_SLACK, WIDTH_GRID, joint_slack, select_width
 from zoo.curvature import DiagonalBlock, KronBlock, kfac
 from zoo.errors import ConfigError, DataError, ModelError, NumericalError
 from zoo.head_evidence import refit_new_heads
@@ -252,6 +252,7 @@ def finetune(
     if width == "auto":
         chosen_width = auto_width(mean, laplace_layers, reference, spectra, n, delta / hypotheses)
     width_record = None
+    pinned: dict[str, float] = {}
     if chosen_width == "bound":
         fit = fit_scales(spectra, n=blocks.n, nll_sum=blocks.nll_sum, objective=fit_obj, delta=delta)
         pieces = PosteriorFit(pieces.unit, pieces.params, spectra, fit, blocks.n, blocks.nll_sum, by_layer)
@@ -262,9 +263,10 @@ def finetune(
     else:
         chosen, selection = None, []
         spans = training_spans(blocks, laplace_layers, approx, pieces.unit)  # the same for every κ̄
+        pinned = unidentified_heads(head_record)  # their spread would only temper; their shrinkage did that
 
         def widest(candidate: dict[str, Layer], grid: Sequence[float]) -> tuple[Posterior, float, dict[str, Any]]:
-            q = Posterior(mean, candidate, {}, model=model, prior=reference)
+            q = Posterior(mean, candidate, {}, model=model, prior=reference).scaled(pinned)
             t, record = select_width(q, train_loader, mode=check_mode(None), samples=selection_samples * 2,
                                      generator=torch.Generator().manual_seed(seed + 2), spans=spans,
                                      slack=width_slack(head_record), grid=grid)
@@ -281,9 +283,10 @@ def finetune(
         layers = dict(laplace.scaled(dict.fromkeys(laplace.layers, 1.0 / temperature)).layers)
         pieces = PosteriorFit(pieces.unit, pieces.params, spectra, None, blocks.n, blocks.nll_sum, by_layer)
         alphas = {sp.name: floor[_name(sp.name)] / by_layer[_name(sp.name)] for sp in spectra}
-        taylor = pieces.taylor_bound_of(laplace_layer_logs(spectra, temperature, alphas), delta)
+        taus = {sp.name: temperature / pinned.get(_name(sp.name), 1.0) for sp in spectra}
+        taylor = pieces.taylor_bound_of(laplace_layer_logs(spectra, taus, alphas), delta)
         # no scale fit for the Laplace width: Q = (F_new + α·κP)/T is β = 1, τ = T against κP
-        fit = ScaleFit(scales={sp.name: {"alpha": alphas[sp.name], "beta": 1.0, "tau": temperature}
+        fit = ScaleFit(scales={sp.name: {"alpha": alphas[sp.name], "beta": 1.0, "tau": taus[sp.name]}
                                for sp in spectra},
                        objective="catoni", bound=taylor["value"], c=taylor["c"], delta=delta, kl=taylor["kl"],
                        emp_risk_bits=taylor["emp_risk_bits"], n=blocks.n)
@@ -308,7 +311,8 @@ def finetune(
                         "grid": list(STRENGTH_GRID) if marglik else None, "history": chosen_once,
                         "note": STRENGTH_NOTE}
     meta["head_refit"] = {"enabled": refit, "heads": head_record, "note": HEAD_REFIT_NOTE}
-    meta["width"] = {"requested": width, "chosen": chosen_width, "selection": width_record, "note": WIDTH_NOTE}
+    meta["width"] = {"requested": width, "chosen": chosen_width, "selection": width_record, "note": WIDTH_NOTE,
+                     "pinned_heads": {k: PINNED_HEAD_WIDTH for k in pinned}}
     meta["bound"].update(taylor)
     if chosen_width == "bound":
         meta["sharpen"] = {"chosen": chosen, "selection": selection, "note": SHARPEN_NOTE}
@@ -367,13 +371,7 @@ def width_slack(head_record: Mapping[str, Mapping[str, Any]]) -> float:
     given_up = [float(r["loglik_given_up"]) for r in head_record.values() if "loglik_given_up" in r]
     if not given_up:
         return TRAIN_LOGLIK_SLACK
-    if len(given_up) == 1:
-        joint = JOINT_LOGLIK_SLACK
-    else:
-        from scipy.stats import chi2  # rare (several new heads), and a 1 s import
-
-        joint = 0.5 * float(chi2.ppf(0.95, len(given_up) + 1))
-    return max(joint - sum(given_up), 0.0)
+    return max(joint_slack(len(given_up) + 1) - sum(given_up), 0.0)
 
 
 def _mean_penalty(prior: Prior, marglik: bool, method: str) -> Prior | ReferencePenalty | None:
@@ -461,12 +459,30 @@ def _name(label: str) -> str:
     return "" if label == "<root>" else label
 
 
-def laplace_layer_logs(spectra: Sequence[LayerSpectrum], temperature: float, alphas: dict[str, float]) -> Tensor:
-    """log α = log alphas[layer], log β = 0, log τ = log T per layer: Q = (F + ακP)/T, spectra against κP."""
+def laplace_layer_logs(spectra: Sequence[LayerSpectrum], taus: Mapping[str, float],
+                       alphas: Mapping[str, float]) -> Tensor:
+    """log α = log alphas[layer], log β = 0, log τ = log taus[layer]: Q = (F + ακP)/τ, spectra against κP."""
     logs = torch.zeros(len(spectra), 3, dtype=torch.float64)
     logs[:, 0] = torch.tensor([math.log(alphas[sp.name]) for sp in spectra], dtype=torch.float64)
-    logs[:, 2] = math.log(temperature)
+    logs[:, 2] = torch.tensor([math.log(taus[sp.name]) for sp in spectra], dtype=torch.float64)
     return logs
+
+
+PINNED_HEAD_WIDTH = WIDTH_GRID[-1]
+"""Covariance multiplier of a new head whose scale the evidence could not set, on top of Q's width T."""
+
+
+def unidentified_heads(head_record: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """{head: precision factor 1/PINNED_HEAD_WIDTH} for each new head shrunk by the likelihood-ratio rule.
+
+    Where the evidence cannot set a head's precision (one shot per class), the shots cannot tell its spread from
+    its shrinkage either: both only temper every prediction alike (its logit variance grows with the feature norm
+    alone). The shrinkage takes the joint likelihood-ratio region (zoo.head_evidence) and the head's spread is
+    pinned near zero, so Q's width T is chosen on, and its epistemic spread comes from, the body, whose prior was
+    checked upstream and widens most on inputs unlike the shots. Measured in benchmarks/transfer.py and
+    benchmarks/suite_task.py at one shot (docs/method.md §6)."""
+    return {name: 1.0 / PINNED_HEAD_WIDTH for name, r in head_record.items()
+            if r.get("refit") and r.get("rule") == "likelihood-ratio"}
 
 
 SHARPEN_NOTE = (
