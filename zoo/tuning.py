@@ -323,7 +323,8 @@ WIDTH_NOTE = (
     "laplace: Q = (F_new + κ̄P)/T, κ in a new head, T the widest on calibration.WIDTH_GRID whose predictive keeps "
     "the training data's accuracy and its total log-likelihood within 1.92 nats (Wilks' 95% interval), or, where a "
     "new head was shrunk by the likelihood-ratio rule, within what that left of the two parameters' joint 3.00 nats "
-    "(tuning.width_slack); in the body κ̄ = max(κ, T₁), T₁ that widest T with κ̄ = max(κ, 1), and T chosen again at "
+    "(tuning.width_slack), with that head's covariance pinned at PINNED_HEAD_WIDTH·T (its τ in scales); "
+    "in the body κ̄ = max(κ, T₁), T₁ that widest T with κ̄ = max(κ, 1), and T chosen again at "
     "or below T₁ (selection['first']), so Q is never wider than the prior and, where κ < T, equal to it in the "
     "directions the data did not see; bound: scales fitted on the Taylor bound, s by the kl-bound."
 )
@@ -331,7 +332,8 @@ HEAD_REFIT_NOTE = (
     "each new head re-fitted on the trained body's features at the N(0, α⁻¹I) with the highest exact Laplace "
     "evidence (MAP re-fitted per α, α = λ·10^(k/2), k = −8…8); where no α's evidence beats the strongest α's by a "
     "Bayes factor of 3 (no evidence for any head, as at one shot per class), the strongest re-fit whose training "
-    "log-likelihood stays within 1.92 nats of the trained head's with no training example lost; kept as trained at "
+    "log-likelihood stays within the joint region of the head and T (3.00 nats for one head, record['loglik_slack']) "
+    "with no training example lost, its spread then pinned (width['pinned_heads']); kept as trained at "
     "the weakest edge. The mean is trained without a prior on the head, so a new head's logits are overconfident on"
     " few-shot data; benchmarks/transfer.py measures what the re-fit does."
 )
