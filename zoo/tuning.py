@@ -370,10 +370,16 @@ def width_slack(head_record: Mapping[str, Mapping[str, Any]]) -> float:
     """The training log-likelihood Q's width T may give up: ½χ²₁(0.95) when T is the only parameter the training
     likelihood sets; where k new heads were shrunk by the likelihood-ratio rule too, what they left of the joint
     ½χ²ₖ₊₁(0.95) region (none left: T is as narrow as the grid allows)."""
-    given_up = [float(r["loglik_given_up"]) for r in head_record.values() if "loglik_given_up" in r]
+    given_up = likelihood_ratio_heads(head_record)
     if not given_up:
         return TRAIN_LOGLIK_SLACK
-    return max(joint_slack(len(given_up) + 1) - sum(given_up), 0.0)
+    return max(joint_slack(len(given_up) + 1) - sum(given_up.values()), 0.0)
+
+
+def likelihood_ratio_heads(head_record: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """{head: training log-likelihood its shrinkage gave up} for the new heads re-fitted by the likelihood-ratio rule
+    (zoo.head_evidence records that loss only for them): the one test both width_slack and the pin use."""
+    return {name: float(r["loglik_given_up"]) for name, r in head_record.items() if "loglik_given_up" in r}
 
 
 def _mean_penalty(prior: Prior, marglik: bool, method: str) -> Prior | ReferencePenalty | None:
@@ -483,8 +489,7 @@ def unidentified_heads(head_record: Mapping[str, Mapping[str, Any]]) -> dict[str
     pinned near zero, so Q's width T is chosen on, and its epistemic spread comes from, the body, whose prior was
     checked upstream and widens most on inputs unlike the shots. Measured in benchmarks/transfer.py and
     benchmarks/suite_task.py at one shot (docs/method.md §6)."""
-    return {name: 1.0 / PINNED_HEAD_WIDTH for name, r in head_record.items()
-            if r.get("refit") and r.get("rule") == "likelihood-ratio"}
+    return dict.fromkeys(likelihood_ratio_heads(head_record), 1.0 / PINNED_HEAD_WIDTH)
 
 
 SHARPEN_NOTE = (
