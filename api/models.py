@@ -126,9 +126,15 @@ class ServedModel:
     def _build(self, samples: int) -> Predict:
         if self.mode == "map":
             return MapPredictor(self.model)
-        from zoo.predictive import Predictor
+        from zoo.predictive import Predictor, pinned_heads
 
-        return Predictor(self.gaussian, mode=self.mode, samples=samples, seed=self.seed)
+        if self.mode == "fast" and samples == self.samples:  # once, at load
+            for head in pinned_heads(self.gaussian):
+                log.warning("%s: the classifier %r has its spread pinned (fitted on about one image per class), so "
+                            "--mode fast answers with no epistemic uncertainty; serve it with --mode glm for the "
+                            "body's", self.name, head)
+        predictor = Predictor(self.gaussian, mode=self.mode, samples=samples, seed=self.seed)
+        return predictor
 
     def preprocess(self, images: Sequence[Image.Image]) -> Tensor:
         """timm's eval transform of this architecture, stacked."""

@@ -13,7 +13,8 @@ from digits_task import CLASSES, digits, save_image_folder, upstream_prior_dir
 from PIL import Image
 
 import zoo
-from zoo import metrics
+from zoo import metrics, tuning
+from zoo.predictive import pinned_heads
 from zoo.report import FIGURES, FILES, Outputs, reliability_bins, write_report
 
 
@@ -84,12 +85,44 @@ def test_evaluate_a_finetune_run_carries_its_certificate(tmp_path: Path, folders
     assert record["metrics"]["ood_auroc_entropy"] is None and record["classes"] == [str(k) for k in range(5)]
 
 
-def test_evaluate_refuses_folders_the_model_does_not_know(tmp_path: Path, folders: tuple[Path, Path],
+@pytest.fixture(scope="module")
+def one_shot_run(tmp_path_factory: pytest.TempPathFactory, folders: tuple[Path, Path]) -> tuple[Path, str]:
+    """`zoo finetune --shots 1` on the upstream digits (a new head), and what it printed."""
+    import contextlib
+    import io
+
+    run = tmp_path_factory.mktemp("one-shot") / "run"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert cli("finetune", str(upstream_prior_dir()), "--data", str(folders[0]), "--out", str(run), "--epochs",
+                   "1", "--shots", "1", "--samples", "2") == 0
+    return run, printed.getvalue()
+
+
+def test_one_shot_run_says_its_head_is_pinned_and_the_service_logs_it(one_shot_run: tuple[Path, str],
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """One image per class: the new head's scale comes from the likelihood-ratio rule and its spread is pinned, so
+    `fast` has no epistemic part. The saved run keeps that, the command says it, and so does a `fast` service."""
+    from api.models import load_model
+    from api.settings import Settings
+
+    run, printed = one_shot_run
+    _, posterior = zoo.load(str(run))
+    assert pinned_heads(posterior) == {"classifier": tuning.PINNED_HEAD_WIDTH}
+    assert "note: the new head 'classifier' could not be scaled from 5 training images" in printed
+    with caplog.at_level("WARNING", logger="api"):
+        load_model(str(run), Settings(mode="fast", samples=4))
+    assert any("'classifier' has its spread pinned" in r.getMessage() and "--mode glm" in r.getMessage()
+               for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="api"):
+        load_model(str(run), Settings(mode="glm", samples=2))  # glm reads the body's spread: nothing to say
+    assert not any("pinned" in r.getMessage() for r in caplog.records)
+
+
+def test_evaluate_refuses_folders_the_model_does_not_know(tmp_path: Path, one_shot_run: tuple[Path, str],
                                                           capsys: pytest.CaptureFixture[str]) -> None:
-    data, _ = folders
-    run = tmp_path / "run"
-    assert cli("finetune", str(upstream_prior_dir()), "--data", str(data), "--out", str(run), "--epochs", "1",
-               "--shots", "1", "--samples", "2") == 0
+    run, _ = one_shot_run
     other = tmp_path / "other"
     (other / "cat").mkdir(parents=True)
     Image.new("RGB", (16, 16)).save(other / "cat" / "a.png")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ from zoo.head_evidence import (
     refit_new_heads,
 )
 from zoo.layers import IsoLayer
-from zoo.predictive import Predictor
+from zoo.predictive import PinnedHeadWarning, Predictor
 from zoo.prior import Prior
 
 
@@ -218,7 +219,11 @@ def test_one_shot_pins_the_new_heads_spread_and_certifies_the_pinned_q(monkeypat
         _, deviations = Predictor(p, mode="fast", samples=16, seed=0).linear_parts(x[:64])
         return deviations.std().item()
 
+    with pytest.warns(PinnedHeadWarning, match="no epistemic uncertainty; use mode='glm'"):
+        pinned = head_spread(post)
     monkeypatch.setattr(tuning, "PINNED_HEAD_WIDTH", 1.0)
     unpinned = fit()
     assert unpinned.meta["width"]["pinned_heads"] == {name: 1.0}
-    assert head_spread(post) < 0.01 * head_spread(unpinned)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PinnedHeadWarning)  # a head at full width is not pinned: no warning
+        assert pinned < 0.01 * head_spread(unpinned)

@@ -82,6 +82,7 @@ def _finetune(args: argparse.Namespace) -> int:
 
     import zoo
     from zoo.certified import certify_data_dependent
+    from zoo.predictive import pinned_heads
     from zoo.tuning import finetune
 
     out = Path(args.out)
@@ -130,6 +131,10 @@ def _finetune(args: argparse.Namespace) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     print(cert)
+    for head in pinned_heads(posterior):
+        print(f"note: the new head {head!r} could not be scaled from {len(data)} training images (as at one image per "
+              "class): its shrinkage tempers the predictions and its spread is pinned, so the epistemic uncertainty "
+              "comes from the body; predict with mode='glm' (zoo serve --mode glm), since 'fast' reads only the head")
     print(f"posterior written to {out}")
     return 0
 

@@ -14,6 +14,7 @@ image's prediction does not depend on what else is in the batch: micro-batched a
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -35,6 +36,18 @@ GLM_CHUNK = 8
 DEFAULT_MODE = "glm"
 """Chosen by measurement (benchmarks/transfer.py, README "Predictive modes"): the linearised predictive keeps the
 network's accuracy and lowers NLL/ECE where Monte Carlo through the network underfits."""
+
+
+class PinnedHeadWarning(UserWarning):
+    """mode="fast" on a classifier whose spread is pinned: its answers carry no epistemic uncertainty."""
+
+
+def pinned_heads(gaussian: object) -> dict[str, float]:
+    """The classifiers whose covariance zoo.finetune pinned (meta["width"]["pinned_heads"], multiplier below 1):
+    their scale could not be set from the training data (one image per class), so their spread is near zero."""
+    meta = getattr(gaussian, "meta", None) or {}
+    recorded = (meta.get("width") or {}).get("pinned_heads") or {}
+    return {name: float(value) for name, value in recorded.items() if float(value) < 1.0}
 
 
 @dataclass(frozen=True)
@@ -137,6 +150,11 @@ class Predictor:
         if self.mode == "fast":
             self._head = classifier_name(model)
             self._head_cov = _head_covariance(gaussian, model, self._head)
+            if self._head in pinned_heads(gaussian):
+                warnings.warn(f"the classifier {self._head!r} has its spread pinned (the training data could not set "
+                              "its scale, e.g. one image per class), so mode='fast' gives the mean network's "
+                              "probabilities and no epistemic uncertainty; use mode='glm' for the body's",
+                              PinnedHeadWarning, stacklevel=2)
             out = self._head_cov[0].shape[0]
             z = torch.randn((samples, out), generator=gen, dtype=torch.float64)
             self._z = z
