@@ -10,7 +10,7 @@ from torch import nn
 
 import zoo
 from zoo import metrics
-from zoo.calibration import ACCURACY_SLACK, ECE_SLACK
+from zoo.calibration import ACCURACY_SLACK, ECE_SLACK, NLL_TIE
 
 
 @pytest.fixture(scope="module")
@@ -67,3 +67,32 @@ def test_no_holdout_records_that_the_width_was_not_checked() -> None:
     loader = [(torch.randn(8, 3), torch.randint(0, 2, (8,)))]
     prior = zoo.build_prior(model, loader, progress=False)
     assert prior.meta["holdout"]["n"] == 0
+
+
+def test_a_network_sure_and_right_on_every_held_out_image_gets_the_widest_tie_not_a_point_mass() -> None:
+    """Any spread raises such a network's held-out NLL, so no width is strictly no worse. The prior is then the
+    widest whose NLL is within NLL_TIE of the network's (every narrower one too), not the narrowest: a point mass
+    would leave its posteriors no uncertainty (resnet10t on the upstream digits, benchmarks/transfer.py)."""
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[4.0, 0.0], [-4.0, 0.0]])
+    y = torch.arange(2).repeat(200)
+    x = centres[y] + 0.3 * torch.randn(400, 2, generator=gen)
+    torch.manual_seed(0)
+    model = nn.Linear(2, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=5e-2)
+    for _ in range(300):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    loader = [(x[i:i + 50], y[i:i + 50]) for i in range(0, 400, 50)]
+    prior = zoo.build_prior(model, loader, holdout=0.25, progress=False, generator=torch.Generator().manual_seed(0))
+    held = prior.meta["holdout"]
+    assert held["network"]["accuracy"] == 1.0 and held["network"]["nll"] < 1e-3
+    assert not held["met"] and held["fallback"] == f"widest within NLL_TIE = {NLL_TIE} nats"
+    rows = sorted(held["grid"], key=lambda r: r["t"])
+    assert held["t"] < rows[-1]["t"]  # a real width, not the network itself
+    assert held["predictive"]["nll"] <= held["network"]["nll"] + NLL_TIE
+    assert all(r["meets_within_nll_tie"] for r in rows if r["t"] >= held["t"])
+    wider = [r for r in rows if r["t"] < held["t"]]
+    assert wider and not wider[-1].get("meets_within_nll_tie", False)
+    assert prior.meta["precision_multiplier"] == held["t"]

@@ -175,7 +175,8 @@ def _context(meta: Mapping[str, Any], repo_id: str, plan: Mapping[str, Any], bui
             f"{_fmt(held.get('t'))}): accuracy {_fmt(pred.get('accuracy'))} against the network's "
             f"{_fmt(net.get('accuracy'))}, NLL {_fmt(pred.get('nll'))} against {_fmt(net.get('nll'))}, ECE "
             f"{_fmt(pred.get('ece'))} against {_fmt(net.get('ece'))}."
-            + ("" if held.get("met") else " No width met all three conditions; the narrowest was kept.")
+            + ("" if held.get("met") else " No width met all three conditions strictly; kept: "
+               f"{held.get('fallback', 'the narrowest')}.")
         )
     elif isinstance(held, Mapping):
         holdout_text = "The width was not checked on held-out data (the build had none)."

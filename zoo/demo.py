@@ -152,7 +152,7 @@ def run_demo(json_path: str | None = None, seed: int = 0, *, transfer: bool = Tr
           f"{held['t']:g}): accuracy {held['predictive']['accuracy']:.3f} vs the network's "
           f"{held['network']['accuracy']:.3f}, NLL {held['predictive']['nll']:.3f} vs "
           f"{held['network']['nll']:.3f}, ECE {held['predictive']['ece']:.3f} vs {held['network']['ece']:.3f}"
-          + ("" if held["met"] else "  (no width met all three; the narrowest is kept)"))
+          + ("" if held["met"] else f"  (no width met all three; kept: {held.get('fallback', 'the narrowest')})"))
 
     out = Path(out_dir) if out_dir else cache_root() / "demo"
     with tempfile.TemporaryDirectory() as tmp:
