@@ -133,8 +133,7 @@ class ServedModel:
                 log.warning("%s: the classifier %r has its spread pinned (fitted on about one image per class), so "
                             "--mode fast answers with no epistemic uncertainty; serve it with --mode glm for the "
                             "body's", self.name, head)
-        predictor = Predictor(self.gaussian, mode=self.mode, samples=samples, seed=self.seed)
-        return predictor
+        return Predictor(self.gaussian, mode=self.mode, samples=samples, seed=self.seed)
 
     def preprocess(self, images: Sequence[Image.Image]) -> Tensor:
         """timm's eval transform of this architecture, stacked."""
