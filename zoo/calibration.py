@@ -132,8 +132,8 @@ def _widest_tie(rows: list[dict[str, Any]], reference: Mapping[str, float]) -> t
             break
         chosen = row
     if chosen is None:
-        return max(rows, key=lambda r: r["t"]), "narrowest"
-    return chosen, f"widest within NLL_TIE = {NLL_TIE} nats"
+        return max(rows, key=lambda r: r["t"]), "the narrowest"
+    return chosen, f"the widest within {NLL_TIE} nats of the network's NLL"
 
 
 WIDTH_GRID: tuple[float, ...] = (1.0, 0.3, 0.1, 0.03, 0.01, 3e-3, 1e-3, 3e-4, 1e-4, 1e-5, 1e-6)
