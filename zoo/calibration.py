@@ -102,8 +102,7 @@ def select_precision_multiplier(
         row = {"t": float(t), **_scores(predictive_probs(mean, deviations, t), y, net)}
         # the prior is the network's Bayesian counterpart: it may change at most ACCURACY_SLACK of its top-1 answers
         # (on a few held-out images accuracy alone could be kept while the answers move)
-        row["meets"] = (row["accuracy"] >= reference["accuracy"] - ACCURACY_SLACK and row["nll"] <= reference["nll"]
-                        and row["ece"] <= reference["ece"] + ECE_SLACK and row["agreement"] >= 1 - ACCURACY_SLACK)
+        row["meets"] = _predicts_like_the_network(row, reference, nll_slack=0.0)
         rows.append(row)
     feasible = [r for r in rows if r["meets"]]
     fallback = None
@@ -119,15 +118,19 @@ def select_precision_multiplier(
     return chosen["t"], record
 
 
+def _predicts_like_the_network(row: Mapping[str, float], reference: Mapping[str, float], *, nll_slack: float) -> bool:
+    """A width's held-out scores against the network's: accuracy within ACCURACY_SLACK, NLL within `nll_slack`,
+    ECE within ECE_SLACK, and all but ACCURACY_SLACK of its top-1 answers kept."""
+    return (row["accuracy"] >= reference["accuracy"] - ACCURACY_SLACK and row["nll"] <= reference["nll"] + nll_slack
+            and row["ece"] <= reference["ece"] + ECE_SLACK and row["agreement"] >= 1 - ACCURACY_SLACK)
+
+
 def _widest_tie(rows: list[dict[str, Any]], reference: Mapping[str, float]) -> tuple[dict[str, Any], str]:
     """Where no width meets the conditions: the widest t that meets them with the NLL held to NLL_TIE, every
     narrower t meeting them too, else the narrowest t (the network itself, up to rounding)."""
     chosen = None
     for row in sorted(rows, key=lambda r: -r["t"]):  # from the network itself towards wider
-        row["meets_within_nll_tie"] = (row["accuracy"] >= reference["accuracy"] - ACCURACY_SLACK
-                                       and row["nll"] <= reference["nll"] + NLL_TIE
-                                       and row["ece"] <= reference["ece"] + ECE_SLACK
-                                       and row["agreement"] >= 1 - ACCURACY_SLACK)
+        row["meets_within_nll_tie"] = _predicts_like_the_network(row, reference, nll_slack=NLL_TIE)
         if not row["meets_within_nll_tie"]:
             break
         chosen = row
