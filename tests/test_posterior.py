@@ -104,6 +104,41 @@ def test_saved_posterior_is_the_prior_of_a_second_task(learned, tmp_path: Path) 
     assert zoo.load(str(tmp_path / "second"))[1].meta["kind"] == "posterior"
 
 
+def test_a_posterior_saves_and_loads_without_an_eigendecomposition(learned, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fitted posterior's layers are sums (the data's term and the prior's); they are used through their
+    decomposition, which the fit made, so saving writes that and no term's own eigenpairs, and loading
+    checks those factors by Cholesky instead of the eigensolver."""
+    from safetensors import safe_open
+
+    from zoo.layers import KronLayer
+
+    post = learned[0]
+    sums = [name for name, layer in post.layers.items()
+            if isinstance(layer, KronLayer) and len(layer.precision.terms) > 1]
+    assert sums
+    for name in sums:
+        post.layers[name].precision.decomposition()  # made by the fit already (sampling and the KL use it)
+
+    def no_eigh(*args: object, **kwargs: object) -> None:
+        raise AssertionError("saving or loading a fitted posterior must not eigendecompose")
+
+    monkeypatch.setattr(torch.linalg, "eigh", no_eigh)
+    path = post.save(str(tmp_path / "posterior"))
+    with safe_open(str(path / "prior.safetensors"), framework="pt") as f:
+        keys = list(f.keys())
+    for name in sums:
+        assert not [k for k in keys if k.startswith(f"{name}::eig.")], name
+        assert f"{name}::dec.weights" in keys
+    loaded = Posterior.load(str(path))
+    v = None
+    for name in sums:
+        ours, theirs = post.layers[name].precision, loaded.layers[name].precision
+        v = torch.randn(ours.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(theirs.solve(v), ours.solve(v), rtol=1e-4, atol=1e-8)
+    assert v is not None
+
+
 def test_cli_finetune_and_certify(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     train, _, _ = downstream(4, 9)
     root = tmp_path / "data"

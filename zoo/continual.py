@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from zoo.errors import ConfigError, ModelError, NumericalError
 from zoo.kron import KronPrecision
 from zoo.kron.approx import APPROXIMATIONS
-from zoo.kron.chain import add_term, dense_kl, leading_term, relative_error, without_cached_eigh
+from zoo.kron.chain import add_term, dense_kl, leading_term, relative_error
 from zoo.layers import DiagLayer, KronLayer, Layer
 from zoo.loading import replace_head, reset_classifier
 from zoo.posterior import Posterior
@@ -271,7 +271,7 @@ def _next_prior(
             new_exact[name] = full
             # Q as zoo.finetune made it, b·F_t + a·(the carried prior) in the prior's basis (docs/method.md §4),
             # against the same with the exact history
-            layers[name] = KronLayer(without_cached_eigh(q), layer.params)
+            layers[name] = KronLayer(q, layer.params)
             target = term * q.scales[0].item() + exact[name] * _prior_multiplier(q, old.precision)
             prior_errors.append(relative_error(keep, full))
             post_errors.append(relative_error(q, target))

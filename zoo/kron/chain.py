@@ -24,7 +24,7 @@ from zoo.kron.approx import gram, nearest_kronecker
 from zoo.kron.decomposition import frobenius_inner_terms, frobenius_norm_sq
 from zoo.kron.precision import Approximation, KronPrecision
 
-__all__ = ["add_term", "dense_kl", "fold", "leading_term", "relative_error", "without_cached_eigh"]
+__all__ = ["add_term", "dense_kl", "fold", "leading_term", "relative_error"]
 
 
 def fold(p: KronPrecision) -> KronPrecision:
@@ -61,16 +61,6 @@ def add_term(prior: KronPrecision, term: KronPrecision, *, approximation: Approx
     lead = term.rescaled()  # a copy that carries the chain's approximation; sums reuse checked factors
     lead.approximation = approximation or prior.approximation
     return lead + base, lead + reference
-
-
-def without_cached_eigh(p: KronPrecision) -> KronPrecision:
-    """The same precision (decomposition kept) storing only term 0's factor eigendecompositions.
-
-    A sum carries the cached eigendecompositions of the terms it was made from; written as they are, a chain's
-    artifact would vary with which of its terms happened to be decomposed before. Term 0's are kept, since saving
-    computes them anyway.
-    """
-    return p.keeping_factor_eigh({0})
 
 
 def relative_error(used: KronPrecision, exact: KronPrecision) -> float:
