@@ -1,6 +1,6 @@
 """`zoo build`: registered into the `zoo` command through the entry-point group `prior_zoo.commands`.
 
-zoo/cli.py finds this module by its entry point, so `zoo` never imports builders (builders → zoo only).
+zoo.cli finds this module by its entry point, so `zoo` never imports builders (builders → zoo only).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ import zoo
 from api.models import load_model
 from api.settings import Settings
 from zoo import ConfigError
-from zoo.commands_continual import APPROXIMATIONS as CLI_APPROXIMATIONS
+from zoo.cli.continual import APPROXIMATIONS as CLI_APPROXIMATIONS
 from zoo.continual import Task, head_state, learn_chain, set_head
 from zoo.kron import KronPrecision
 from zoo.kron.approx import APPROXIMATIONS

@@ -12,8 +12,8 @@ from zoo.errors import ConfigError, DataError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Register `zoo evaluate` on the CLI's sub-parsers."""
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `zoo evaluate` to the CLI\'s sub-parsers."""
     p = sub.add_parser(
         "evaluate", help="write an evaluation report (metrics.json, figures, report.md/.html) for a prior or posterior",
         description="Predict --data (an ImageFolder: one sub-folder per class, named like the model's classes) and "
@@ -107,7 +107,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     import zoo
     from zoo.certificate import Certificate
-    from zoo.commands_finetune import CERTIFICATE_FILE, image_folder
+    from zoo.cli.finetune import CERTIFICATE_FILE, image_folder
     from zoo.posterior import Posterior
     from zoo.report import write_report
 

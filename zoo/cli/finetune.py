@@ -1,4 +1,4 @@
-"""`zoo finetune` and `zoo certify`: the fine-tuning loop on an ImageFolder, and printing a run's certificate."""
+"""`zoo finetune`: the fine-tuning loop on an ImageFolder, writing a posterior run with its certificate."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from zoo.errors import ConfigError, DataError
 CERTIFICATE_FILE = "certificate.json"
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Register `zoo finetune` and `zoo certify` on the CLI's sub-parsers."""
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `zoo finetune` to the CLI's sub-parsers."""
     p = sub.add_parser(
         "finetune", help="PAC-Bayes fine-tuning of a prior on an ImageFolder; writes a posterior with a certificate",
         description="Load PRIOR (directory or hf-hub:org/name), replace its head for the classes in --data, "
@@ -40,12 +40,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         "data-dependent: re-centre the prior on half the data, fit Q's width and certify on the rest "
                         "(zoo.certified; the run's posterior is then that Q)")
     p.set_defaults(handler=_finetune)
-
-    c = sub.add_parser("certify", help="print the certificate of a fine-tuning run",
-                       description="Print the certificate recorded in RUN_DIR (by `zoo finetune`).")
-    c.add_argument("run_dir", metavar="RUN_DIR")
-    c.add_argument("--json", action="store_true", help="print the raw JSON record")
-    c.set_defaults(handler=_certify)
 
 
 def image_folder(root: str, transform: Any, shots: int | None, seed: int) -> Any:
@@ -136,22 +130,4 @@ def _finetune(args: argparse.Namespace) -> int:
               "class): its shrinkage tempers the predictions and its spread is pinned, so the epistemic uncertainty "
               "comes from the body; predict with mode='glm' (zoo serve --mode glm), since 'fast' reads only the head")
     print(f"posterior written to {out}")
-    return 0
-
-
-def _certify(args: argparse.Namespace) -> int:
-    from zoo.posterior import Certificate
-
-    path = Path(args.run_dir) / CERTIFICATE_FILE
-    if not path.is_file():
-        raise DataError(f"{args.run_dir} has no {CERTIFICATE_FILE}; pass a directory written by `zoo finetune`")
-    try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path} is not valid JSON ({err}); rerun `zoo finetune`") from err
-    print(json.dumps(record, indent=2, sort_keys=True) if args.json else Certificate.from_dict(record))
-    config = Path(args.run_dir) / "prior_config.json"
-    how = json.loads(config.read_text()).get("certificate_kind") if config.is_file() and not args.json else None
-    if how:
-        print(f"prior: {how}")
     return 0

@@ -14,8 +14,8 @@ APPROXIMATIONS = ("eigenbasis", "kronecker", "ekfac")
 """zoo.kron's approximations, spelled out so that `zoo --help` does not import torch (a test keeps them equal)."""
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Register `zoo continual` on the CLI's sub-parsers."""
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `zoo continual` to the CLI\'s sub-parsers."""
     p = sub.add_parser(
         "continual", help="learn tasks in sequence from a prior (posterior → prior chain, or progressive columns)",
         description="Load PRIOR (directory or hf-hub:org/name) and learn each --task ImageFolder in order, one "
@@ -46,7 +46,7 @@ def _continual(args: argparse.Namespace) -> int:
     import torch
 
     import zoo
-    from zoo.commands_finetune import image_folder
+    from zoo.cli.finetune import image_folder
     from zoo.continual import Task, learn_chain
     from zoo.progressive import learn_progressive
 

@@ -1,0 +1,5 @@
+"""`python -m zoo.cli` (e.g. under torchrun: `torchrun --nproc-per-node 8 -m zoo.cli build ...`)."""
+
+from zoo.cli import main
+
+raise SystemExit(main())
