@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -145,8 +146,9 @@ def test_cli_finetune_and_certify(tmp_path: Path, capsys: pytest.CaptureFixture[
     save_image_folder(root, *[torch.cat(t) for t in zip(*train, strict=True)], prefix="class")
     out = tmp_path / "run"
     assert cli("finetune", str(upstream_prior_dir()), "--data", str(root), "--out", str(out), "--epochs", "3",
-               "--lr", "1e-2", "--shots", "3", "--samples", "5") == 0
+               "--lr", "1e-2", "--shots", "3", "--samples", "5", "--norm-statistics", "adapt") == 0
     assert (out / "certificate.json").is_file() and (out / "prior_config.json").is_file()
+    assert json.loads((out / "prior_config.json").read_text())["finetune"]["norm_statistics"]["method"] == "adapt"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run")]
     capsys.readouterr()
     assert cli("certify", str(out)) == 0

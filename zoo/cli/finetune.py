@@ -28,13 +28,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="the run directory to write (replaced if it exists)")
     p.add_argument("--objective", default="catoni", choices=("catoni", "mcallester", "map"))
     p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=1e-3,
+                   help="Adam's learning rate (default 1e-3; zoo.finetune's 3e-3 suits small networks, pretrained "
+                        "ImageNet networks often want 3e-4)")
     p.add_argument("--shots", type=int, default=None, help="use at most this many images per class")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--delta", type=float, default=0.05)
     p.add_argument("--samples", type=int, default=100, help="weight draws for the certificate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep-head", action="store_true", help="keep the prior's head (same task, same classes)")
+    p.add_argument("--norm-statistics", choices=("keep", "adapt"), default=None,
+                   help="BatchNorm's running statistics: keep the prior's, or adapt: re-estimate them on the "
+                        "training images first (AdaBN), which a domain shift such as ImageNet to digits needs (kept, "
+                        "such a network can stay at chance); the certificate does not account for adapting on its "
+                        "own data. Default: keep, and for --certificate data-dependent adapt on the prior's half")
     p.add_argument("--certificate", choices=("training", "data-dependent"), default="training",
                    help="training: fine-tune on all the data and certify against the prior (vacuous for small n); "
                         "data-dependent: re-centre the prior on half the data, fit Q's width and certify on the rest "
@@ -93,15 +100,16 @@ def _finetune(args: argparse.Namespace) -> int:
         if args.objective == "map":
             raise ConfigError("--certificate data-dependent fits Q's width on a bound; use --objective catoni or "
                               "mcallester")
+        norms = {} if args.norm_statistics is None else {"norm_statistics": args.norm_statistics}
         run = certify_data_dependent(model, prior, fixed, objective=args.objective, epochs=args.epochs, lr=args.lr,
                                      delta=args.delta, samples=args.samples,
-                                     generator=torch.Generator().manual_seed(args.seed), progress=True)
+                                     generator=torch.Generator().manual_seed(args.seed), progress=True, **norms)
         posterior, cert = run.posterior, run.certificate
         print(run.describe())
     else:
         posterior = finetune(model, prior, loader, args.objective, epochs=args.epochs, lr=args.lr, delta=args.delta,
                              generator=torch.Generator().manual_seed(args.seed), dataset=str(args.data),
-                             prior_ref=str(args.prior))
+                             prior_ref=str(args.prior), norm_statistics=args.norm_statistics or "keep")
         cert = posterior.certificate(fixed, delta=args.delta, samples=args.samples,
                                      generator=torch.Generator().manual_seed(args.seed + 1), progress=True)
     posterior.meta["classes"] = list(classes)
