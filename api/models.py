@@ -85,6 +85,20 @@ class ServedModel:
         return cert if isinstance(cert, dict) else None
 
     @property
+    def note(self) -> str | None:
+        """What this mode leaves out for this model, said in /v1/models and at load: in `fast`, a classifier whose
+        spread is pinned (fitted on about one image per class) gives no epistemic uncertainty."""
+        if self.mode != "fast":
+            return None
+        from zoo.predictive import pinned_heads
+
+        heads = sorted(pinned_heads(self.gaussian))
+        if not heads:
+            return None
+        return (f"the classifier {heads[0]!r} has its spread pinned (fitted on about one image per class), so mode "
+                "fast answers with no epistemic uncertainty; serve it with --mode glm for the body's")
+
+    @property
     def draws_weights(self) -> bool:
         """Whether a predictor holds whole-network weight draws (nn, glm): memory grows with samples × parameters."""
         return self.mode in ("nn", "glm")
@@ -126,13 +140,10 @@ class ServedModel:
     def _build(self, samples: int) -> Predict:
         if self.mode == "map":
             return MapPredictor(self.model)
-        from zoo.predictive import Predictor, pinned_heads
+        from zoo.predictive import Predictor
 
-        if self.mode == "fast" and samples == self.samples:  # once, at load
-            for head in pinned_heads(self.gaussian):
-                log.warning("%s: the classifier %r has its spread pinned (fitted on about one image per class), so "
-                            "--mode fast answers with no epistemic uncertainty; serve it with --mode glm for the "
-                            "body's", self.name, head)
+        if samples == self.samples and self.note is not None:  # once, at load
+            log.warning("%s: %s", self.name, self.note)
         return Predictor(self.gaussian, mode=self.mode, samples=samples, seed=self.seed)
 
     def preprocess(self, images: Sequence[Image.Image]) -> Tensor:

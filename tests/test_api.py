@@ -56,7 +56,8 @@ def test_models_lists_what_is_served(server: Server, repo: Path) -> None:
     body = httpx.get(f"{server.url}/v1/models").json()
     assert body == {"models": [{
         "name": NAME, "architecture": "test_efficientnet_gn", "num_classes": 5, "labels": TINY_LABELS,
-        "kind": "prior", "source": str(repo), "certificate": None, "predictive": {"mode": "fast", "samples": 32},
+        "kind": "prior", "source": str(repo), "certificate": None,
+        "predictive": {"mode": "fast", "samples": 32, "note": None},
     }]}
 
 

@@ -104,6 +104,7 @@ def test_one_shot_run_says_its_head_is_pinned_and_the_service_logs_it(one_shot_r
     """One image per class: the new head's scale comes from the likelihood-ratio rule and its spread is pinned, so
     `fast` has no epistemic part. The saved run keeps that, the command says it, and so does a `fast` service."""
     from api.models import load_model
+    from api.routes.v1 import model_info
     from api.settings import Settings
 
     run, printed = one_shot_run
@@ -111,13 +112,16 @@ def test_one_shot_run_says_its_head_is_pinned_and_the_service_logs_it(one_shot_r
     assert pinned_heads(posterior) == {"classifier": tuning.PINNED_HEAD_WIDTH}
     assert "note: the new head 'classifier' could not be scaled from 5 training images" in printed
     with caplog.at_level("WARNING", logger="api"):
-        load_model(str(run), Settings(mode="fast", samples=4))
+        served = load_model(str(run), Settings(mode="fast", samples=4))
     assert any("'classifier' has its spread pinned" in r.getMessage() and "--mode glm" in r.getMessage()
                for r in caplog.records)
+    note = model_info(served).predictive.note  # what /v1/models tells a client
+    assert note is not None and "'classifier' has its spread pinned" in note and "no epistemic" in note
     caplog.clear()
     with caplog.at_level("WARNING", logger="api"):
-        load_model(str(run), Settings(mode="glm", samples=2))  # glm reads the body's spread: nothing to say
+        served = load_model(str(run), Settings(mode="glm", samples=2))  # glm reads the body's spread: nothing to say
     assert not any("pinned" in r.getMessage() for r in caplog.records)
+    assert model_info(served).predictive.note is None
 
 
 def test_evaluate_refuses_folders_the_model_does_not_know(tmp_path: Path, one_shot_run: tuple[Path, str],

@@ -67,6 +67,7 @@ async function loadModels() {
     const o = document.createElement("option");
     o.value = m.name; o.textContent = m.name + " (" + m.kind + ", " + m.predictive.mode + ")";
     o.dataset.classes = m.num_classes;
+    o.dataset.note = m.predictive.note || "";
     $("model").appendChild(o);
   }
 }
@@ -95,7 +96,9 @@ $("form").addEventListener("submit", async (event) => {
     row("aleatoric (expected entropy)", p.expected_entropy.toFixed(3), p.expected_entropy / scale, "aleatoric"),
     row("epistemic (mutual information)", p.mutual_information.toFixed(3), p.mutual_information / scale,
         "epistemic"));
-  $("how").textContent = "nats, " + body.mode + " mode, " + body.samples + " samples; bars relative to log(classes)";
+  const note = $("model").selectedOptions[0].dataset.note;
+  $("how").textContent = "nats, " + body.mode + " mode, " + body.samples + " samples; bars relative to log(classes)"
+    + (note ? ". Note: " + note : "");
   $("result").hidden = false;
 });
 loadModels();

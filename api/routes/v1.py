@@ -33,7 +33,8 @@ def model_info(served: ServedModel) -> ModelInfo:
         name=served.name, architecture=served.architecture, num_classes=served.num_classes, labels=served.labels,
         kind="posterior" if served.kind == "posterior" else "prior", source=served.source,
         certificate=served.certificate,
-        predictive=PredictiveInfo(mode=served.mode, samples=1 if served.mode == "map" else served.samples),
+        predictive=PredictiveInfo(mode=served.mode, samples=1 if served.mode == "map" else served.samples,
+                                  note=served.note),
     )
 
 
