@@ -144,7 +144,8 @@ class ServedModel:
 
         if samples == self.samples and self.note is not None:  # once, at load
             log.warning("%s: %s", self.name, self.note)
-        return Predictor(self.gaussian, mode=self.mode, samples=samples, seed=self.seed)
+        # the note is logged above, once; Python's warning would repeat it on stderr from a worker thread
+        return Predictor(self.gaussian, mode=self.mode, samples=samples, seed=self.seed, warn_pinned=False)
 
     def preprocess(self, images: Sequence[Image.Image]) -> Tensor:
         """timm's eval transform of this architecture, stacked."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from PIL import Image
 
 import zoo
 from zoo import metrics, tuning
-from zoo.predictive import pinned_heads
+from zoo.predictive import PinnedHeadWarning, pinned_heads
 from zoo.report import FIGURES, FILES, Outputs, reliability_bins, write_report
 
 
@@ -111,7 +112,8 @@ def test_one_shot_run_says_its_head_is_pinned_and_the_service_logs_it(one_shot_r
     _, posterior = zoo.load(str(run))
     assert pinned_heads(posterior) == {"classifier": tuning.PINNED_HEAD_WIDTH}
     assert "note: the new head 'classifier' could not be scaled from 5 training images" in printed
-    with caplog.at_level("WARNING", logger="api"):
+    with caplog.at_level("WARNING", logger="api"), warnings.catch_warnings():
+        warnings.simplefilter("error", PinnedHeadWarning)  # said once, in the log, not again on stderr
         served = load_model(str(run), Settings(mode="fast", samples=4))
     assert any("'classifier' has its spread pinned" in r.getMessage() and "--mode glm" in r.getMessage()
                for r in caplog.records)

@@ -130,9 +130,11 @@ class Predictor:
         generator: torch.Generator | None = None,
         batch_size: int = 256,
         spans: Mapping[str, Tensor] | None = None,
+        warn_pinned: bool = True,
     ) -> None:
         """`spans` (glm only) projects each named Kronecker layer's draws onto the inputs it will see (Prior.sample):
-        the deviations are then exact only on the images those spans were taken from, e.g. a training set."""
+        the deviations are then exact only on the images those spans were taken from, e.g. a training set.
+        `warn_pinned=False` is for callers that say it themselves (the service logs it once per model)."""
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
             raise ConfigError(f"samples must be a positive integer, got {samples!r}")
         if spans is not None and check_mode(mode) != "glm":
@@ -150,7 +152,7 @@ class Predictor:
         if self.mode == "fast":
             self._head = classifier_name(model)
             self._head_cov = _head_covariance(gaussian, model, self._head)
-            if self._head in pinned_heads(gaussian):
+            if warn_pinned and self._head in pinned_heads(gaussian):
                 warnings.warn(f"the classifier {self._head!r} has its spread pinned (the training data could not set "
                               "its scale, e.g. one image per class), so mode='fast' gives the mean network's "
                               "probabilities and no epistemic uncertainty; use mode='glm' for the body's",
