@@ -146,8 +146,10 @@ def test_cli_finetune_and_certify(tmp_path: Path, capsys: pytest.CaptureFixture[
     save_image_folder(root, *[torch.cat(t) for t in zip(*train, strict=True)], prefix="class")
     out = tmp_path / "run"
     assert cli("finetune", str(upstream_prior_dir()), "--data", str(root), "--out", str(out), "--epochs", "3",
-               "--lr", "1e-2", "--shots", "3", "--samples", "5", "--norm-statistics", "adapt") == 0
+               "--lr", "1e-2", "--shots", "3", "--samples", "5", "--norm-statistics", "adapt",
+               "--resolution", "12") == 0
     assert (out / "certificate.json").is_file() and (out / "prior_config.json").is_file()
+    assert json.loads((out / "config.json").read_text())["pretrained_cfg"]["input_size"] == [3, 12, 12]
     assert json.loads((out / "prior_config.json").read_text())["finetune"]["norm_statistics"]["method"] == "adapt"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run")]
     capsys.readouterr()

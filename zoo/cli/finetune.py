@@ -37,6 +37,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--samples", type=int, default=100, help="weight draws for the certificate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep-head", action="store_true", help="keep the prior's head (same task, same classes)")
+    p.add_argument("--resolution", type=int, default=None, metavar="PX",
+                   help="train at PX × PX (timm's eval transform at that size) and record it in the posterior's "
+                        "config.json, so that zoo serve and zoo evaluate preprocess the same way (default: the "
+                        "prior's input size; small images on a CPU want less than 224)")
     p.add_argument("--norm-statistics", choices=("keep", "adapt"), default=None,
                    help="BatchNorm's running statistics: keep the prior's, or adapt: re-estimate them on the "
                         "training images first (AdaBN), which a domain shift such as ImageNet to digits needs (kept, "
@@ -90,6 +94,11 @@ def _finetune(args: argparse.Namespace) -> int:
     probe = image_folder(args.data, None, None, args.seed)
     classes = probe.classes
     model, prior = zoo.load(args.prior, num_classes=len(classes), reset_head=not args.keep_head)
+    if args.resolution is not None:
+        if args.resolution < 1:
+            raise ConfigError(f"--resolution must be a positive number of pixels, got {args.resolution}")
+        # saved in config.json: the posterior is served and evaluated at the size it was trained at
+        model.pretrained_cfg = dict(model.pretrained_cfg, input_size=(3, args.resolution, args.resolution))
     config = timm.data.resolve_data_config(model=model)
     transform = timm.data.create_transform(**config, is_training=False)
     data = image_folder(args.data, transform, args.shots, args.seed)
