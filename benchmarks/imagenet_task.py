@@ -23,9 +23,9 @@ from timm.data import create_transform, resolve_data_config
 
 import zoo
 from zoo.demo import PHOTO_LABELS
+from zoo.norm_statistics import adapt_norm_statistics
 from zoo.pretrained import efficientnet_lite0
 from zoo.seeding import seeded_augmentation
-from zoo.tuning import adapt_norm_statistics
 
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "hubble_deep_field")
 """scikit-image's bundled colour photographs (those that need a download are skipped when absent)."""

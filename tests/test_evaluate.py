@@ -14,7 +14,7 @@ from digits_task import CLASSES, digits, save_image_folder, upstream_prior_dir
 from PIL import Image
 
 import zoo
-from zoo import metrics, tuning
+from zoo import metrics, width
 from zoo.predictive import PinnedHeadWarning, pinned_heads
 from zoo.report import FIGURES, FILES, Outputs, reliability_bins, write_report
 
@@ -110,7 +110,7 @@ def test_one_shot_run_says_its_head_is_pinned_and_the_service_logs_it(one_shot_r
 
     run, printed = one_shot_run
     _, posterior = zoo.load(str(run))
-    assert pinned_heads(posterior) == {"classifier": tuning.PINNED_HEAD_WIDTH}
+    assert pinned_heads(posterior) == {"classifier": width.PINNED_HEAD_WIDTH}
     assert "note: the new head 'classifier' could not be scaled from 5 training images" in printed
     with caplog.at_level("WARNING", logger="api"), warnings.catch_warnings():
         warnings.simplefilter("error", PinnedHeadWarning)  # said once, in the log, not again on stderr

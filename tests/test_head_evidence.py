@@ -12,7 +12,7 @@ from digits_task import CLASSES, downstream, upstream_prior_dir
 from torch import nn
 
 import zoo
-from zoo import tuning
+from zoo import width
 from zoo.calibration import JOINT_LOGLIK_SLACK, TRAIN_LOGLIK_SLACK
 from zoo.head_evidence import (
     ALPHA_GRID,
@@ -208,10 +208,10 @@ def test_one_shot_pins_the_new_heads_spread_and_certifies_the_pinned_q(monkeypat
     assert 0.0 < head["loglik_given_up"] <= JOINT_LOGLIK_SLACK + 1e-6
     selection = post.meta["width"]["selection"]
     assert selection["slack"] == pytest.approx(JOINT_LOGLIK_SLACK - head["loglik_given_up"])
-    assert post.meta["width"]["pinned_heads"] == {name: tuning.PINNED_HEAD_WIDTH}
+    assert post.meta["width"]["pinned_heads"] == {name: width.PINNED_HEAD_WIDTH}
     scales = post.meta["scales"]
     body = [s["tau"] for label, s in scales.items() if label != name]
-    assert scales[name]["tau"] == pytest.approx(selection["T"] * tuning.PINNED_HEAD_WIDTH)
+    assert scales[name]["tau"] == pytest.approx(selection["T"] * width.PINNED_HEAD_WIDTH)
     assert body and all(t == pytest.approx(selection["T"]) for t in body)
     assert post.kl(post.prior).item() == pytest.approx(post.meta["bound"]["kl"], rel=1e-6)
 
@@ -221,7 +221,7 @@ def test_one_shot_pins_the_new_heads_spread_and_certifies_the_pinned_q(monkeypat
 
     with pytest.warns(PinnedHeadWarning, match="no epistemic uncertainty; use mode='glm'"):
         pinned = head_spread(post)
-    monkeypatch.setattr(tuning, "PINNED_HEAD_WIDTH", 1.0)
+    monkeypatch.setattr(width, "PINNED_HEAD_WIDTH", 1.0)
     unpinned = fit()
     assert unpinned.meta["width"]["pinned_heads"] == {name: 1.0}
     with warnings.catch_warnings():

@@ -11,8 +11,8 @@ import zoo.kron.decomposition
 from zoo.curvature import kfac
 from zoo.errors import ConfigError
 from zoo.kron import KronPrecision
+from zoo.posterior_fit import posterior_pieces, training_spans
 from zoo.predictive import Predictor
-from zoo.tuning import training_spans
 
 
 def _layer(terms: int = 1) -> tuple[KronPrecision, torch.Tensor]:
@@ -141,16 +141,16 @@ def test_root_drawn_spans_keep_the_training_deviations_distribution(conv_posteri
 def test_spans_reuse_the_root_the_extension_found(conv_posterior, monkeypatch: pytest.MonkeyPatch) -> None:
     """posterior_pieces' extension already searched every new input factor for a low-rank root; the spans are built
     from it (bit for bit the same as searching again), and no second search runs."""
-    import zoo.tuning
+    import zoo.posterior_fit
 
     prior, _, _, spans, blocks, model = conv_posterior
-    pieces = zoo.tuning.posterior_pieces(model, prior, blocks)
+    pieces = posterior_pieces(model, prior, blocks)
     assert {k for k, q in pieces.unit.items() if getattr(q, "new_input_root", None) is not None} == set(spans)
 
     def searched_again(*args: object, **kwargs: object) -> None:
         raise AssertionError("the input factor was searched for a root twice")
 
-    monkeypatch.setattr(zoo.tuning, "input_span", searched_again)
+    monkeypatch.setattr(zoo.posterior_fit, "input_span", searched_again)
     reused = training_spans(blocks, dict(prior.layers), "expand", pieces.unit)
     assert set(reused) == set(spans)
     for name, span in spans.items():

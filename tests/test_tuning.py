@@ -208,7 +208,7 @@ def bn_model(seed: int = 0) -> nn.Module:
 
 def test_adapted_norm_statistics_are_the_training_data_moments() -> None:
     """AdaBN: after adaptation the running mean/var are the moments of the first layer's outputs on the data."""
-    from zoo.tuning import adapt_norm_statistics
+    from zoo.norm_statistics import adapt_norm_statistics
 
     model = bn_model()
     shifted = [(x * 3.0 + 5.0, y) for x, y in data(4, n=48)]
@@ -294,7 +294,8 @@ def test_auto_width_decides_as_the_exact_kl_does(prior_and_model, n: int) -> Non
     where it does not settle (a huge n makes any KL informative), the exact KL decides."""
     from zoo.curvature import kfac
     from zoo.pacbayes import kl_bound
-    from zoo.tuning import AUTO_BOUND, auto_width, posterior_pieces
+    from zoo.posterior_fit import posterior_pieces
+    from zoo.width import AUTO_BOUND, auto_width
 
     prior, base = prior_and_model
     model = _copy(base)

@@ -10,7 +10,7 @@ from torch import nn
 
 import zoo
 from zoo.calibration import JOINT_LOGLIK_SLACK, TRAIN_LOGLIK_SLACK, select_width
-from zoo.tuning import width_slack
+from zoo.width import width_slack
 
 
 @pytest.fixture(scope="module")

@@ -319,7 +319,7 @@ def _prior_multiplier(q: KronPrecision, prior: KronPrecision) -> float:
 
 
 def _diag_factors(post: Posterior) -> dict[str, tuple[float, float]]:
-    """(b, a) per layer with Q = b·F_new + a·P, from the fit's record (zoo.tuning.PosteriorFit's scales)."""
+    """(b, a) per layer with Q = b·F_new + a·P, from the fit's record (zoo.posterior_fit.PosteriorFit's scales)."""
     meta = post.meta
     strength = meta.get("strength") or {}
     kappas = strength.get("kappa") if strength.get("method") == "marglik" else None

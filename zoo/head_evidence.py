@@ -200,7 +200,7 @@ def refit_new_heads(model: nn.Module, prior: Prior, loader: Iterable[Any],
                 linear.bias.copy_(w[:, -1].to(linear.bias))
         records[name] = {"refit": True, "lambda": lam, "alpha": table[best]["alpha"], "rule": rule, "table": rows}
         if trained_nll is not None:
-            # the training log-likelihood this shrinkage gave up: Q's width gets the rest (zoo.tuning.width_slack)
+            # the training log-likelihood this shrinkage gave up: Q's width gets the rest (zoo.width.width_slack)
             records[name]["loglik_given_up"] = rows[best]["train_nll_sum"] - trained_nll
             records[name]["loglik_slack"] = slack
     return records
@@ -209,8 +209,8 @@ def refit_new_heads(model: nn.Module, prior: Prior, loader: Iterable[Any],
 def head_slack(heads: int) -> float:
     """The training log-likelihood each of `heads` new heads may give up under the likelihood-ratio rule: an equal
     share of the region ½χ²ₖ₊₁(0.95) of the heads and Q's width T (3.00 nats for one head), T taking what is left
-    (zoo.tuning.width_slack). A head's shrinkage is all that tempers its predictions, since its spread is pinned
-    (zoo.tuning.unidentified_heads)."""
+    (zoo.width.width_slack). A head's shrinkage is all that tempers its predictions, since its spread is pinned
+    (zoo.width.unidentified_heads)."""
     return joint_slack(heads + 1) / heads
 
 

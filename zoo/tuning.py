@@ -1,30 +1,26 @@
-"""zoo.finetune: PAC-Bayes fine-tuning from a prior, then a Laplace posterior with fitted scales (docs/method.md §5).
+"""zoo.finetune: a prior's network fine-tuned on a task, returned as its posterior Q (docs/method.md §5–6).
 
-1. Train the mean with Adam on a differentiable bound (Catoni or McAllester) or the MAP objective. The risk is the
-   batch's mean NLL in bits, the KL's weight-dependent term is ½(θ−μ)ᵀΛ_P(θ−μ) = ½·prior.quadratic(model), and N
-   is the size of the training set, never the batch size. Catoni's c is re-chosen on `catoni_grid()` after every
-   epoch at δ/|grid|; c only steers θ̂, which PAC-Bayes lets depend on the data, so it costs the certificate
-   nothing.
-2. K-FAC on the training data at θ̂ gives F_new per layer.
-3. Per layer, Q = N(θ̂, ((β F_new + α P)/τ)⁻¹), built with `zoo.kron.extend` in the prior's own basis (exact for
-   isotropic priors and new heads; otherwise F_new's exact diagonal there), and α, β, τ fitted by
-   `zoo.scales.fit_scales` on the Taylor-risk bound with the closed-form KL. Every quantity of that Q (sampling,
-   KL, log-det) is exact for the Gaussian it represents, so its certificate is rigorous.
+1. The mean: by default (strength="marglik") Adam on the likelihood alone from the prior's mean, the prior entering
+   through Q and the certificate; `mean_penalty="reference"` adds L2-SP toward the pretrained body; with
+   strength="bound", the paper's way, a differentiable Catoni or McAllester bound (or MAP) against the prior itself,
+   Catoni's c re-chosen on `catoni_grid()` every epoch (it only steers θ̂, so it costs the certificate nothing).
+2. Each new head re-fitted at its exact Laplace evidence (zoo.head_evidence).
+3. K-FAC on the training data at θ̂: F_new per layer, added to the prior in its own basis (zoo.posterior_fit).
+4. The prior's strength κ per group (pretrained body, new head) by the Laplace evidence (zoo.marglik), and Q's
+   width by zoo.width and zoo.calibration: the Laplace Q = (F_new + κ̄P)/T, T from the training data's
+   likelihood-ratio interval; where even zero training error could certify below zoo.width.AUTO_BOUND, the
+   paper's scales fitted on the bound (zoo.scales). Every quantity of Q (sampling, KL, log-det) is exact for the
+   Gaussian it represents, so its certificate is rigorous.
 
-Training runs the model in eval mode: BatchNorm keeps the prior's statistics, so the classifier is a function of the
-weights alone (the bound is over weights) and few-shot batches do not corrupt the statistics. Across a domain
-shift (ImageNet statistics on digits) those statistics make every input look alike and nothing trains
-(measured: efficientnet_lite0 on 200 digits at 32 px stays at chance); `norm_statistics="adapt"` first
-re-estimates them on the training data (AdaBN, Li et al. 2016), then trains in eval mode as before. The
-statistics then depend on the training data, which a certificate on that same data does not account for, so it
-is opt-in here; `zoo.certify_data_dependent` adapts on the prior's half only, where it costs rigour nothing.
+Training runs the model in eval mode, so BatchNorm keeps the prior's statistics and the classifier is a function
+of the weights alone, which is what the bound is over; zoo.norm_statistics re-estimates them across a domain shift.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -33,20 +29,33 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from zoo import __version__
-from zoo.calibration import TRAIN_LOGLIK_SLACK, WIDTH_GRID, joint_slack, select_width
-from zoo.curvature import DiagonalBlock, KronBlock, kfac
-from zoo.errors import ConfigError, DataError, ModelError, NumericalError
+from zoo.calibration import WIDTH_GRID, select_width
+from zoo.curvature import kfac
+from zoo.errors import ConfigError, DataError, NumericalError
 from zoo.head_evidence import refit_new_heads
-from zoo.kron import KronPrecision, extend, rescale_parts, split_diagonal
+from zoo.kron import KronPrecision
 from zoo.kron.exact import EIGH_FALLBACKS
-from zoo.kron.lowrank import input_span, span_of
-from zoo.layers import DiagLayer, IsoLayer, KronLayer, Layer, isotropic_kron, kron_matrix
+from zoo.layers import DiagLayer, IsoLayer, KronLayer, Layer
 from zoo.marglik import STRENGTH_GRID, choose_strengths
-from zoo.pacbayes import catoni_grid, catoni_objective, kl_bound, map_objective, mcallester_objective
+from zoo.norm_statistics import NORM_STATISTICS, adapt_norm_statistics
+from zoo.pacbayes import catoni_grid, catoni_objective, map_objective, mcallester_objective
 from zoo.posterior import Posterior, check_architecture
+from zoo.posterior_fit import PosteriorFit, laplace_layer_logs, layer_name, posterior_pieces, training_spans
 from zoo.predictive import check_mode
 from zoo.prior import Prior
-from zoo.scales import LayerSpectrum, ScaleFit, evaluate, fit_scales
+from zoo.scales import ScaleFit, fit_scales
+from zoo.width import (
+    BODY_COVARIANCE_FLOOR,
+    BODY_FLOOR_FOLLOWS_WIDTH,
+    SHARPEN_NOTE,
+    WIDTH_NOTE,
+    WIDTHS,
+    auto_width,
+    body_floor,
+    select_sharpen,
+    unidentified_heads,
+    width_slack,
+)
 
 OBJECTIVES = ("catoni", "mcallester", "map")
 LN2 = math.log(2.0)
@@ -238,14 +247,15 @@ def finetune(
     blocks = kfac(model, train_loader, fisher, approx=approx, generator=gen, progress=progress)
     pieces = posterior_pieces(model, prior, blocks)
     if marglik:
-        kappa, tables = choose_strengths(pieces.spectra, {sp.name: groups[_name(sp.name)] for sp in pieces.spectra})
+        kappa, tables = choose_strengths(pieces.spectra,
+                                         {sp.name: groups[layer_name(sp.name)] for sp in pieces.spectra})
     by_layer = {name: kappa[g] for name, g in groups.items()}
     reference = prior.scaled(by_layer) if marglik else prior
     hypotheses = len(STRENGTH_GRID) ** len(kappa) if marglik else 1
     mean = {k: v.detach().clone().cpu() for k, v in model.named_parameters() if v.requires_grad}
     # Q's precision in the body never falls below the prior's own (checked upstream to predict well): κ only
     # weakens the prior for the mean, so unseen directions cannot widen past the calibrated prior
-    floor = _body_floor(by_layer, groups, BODY_COVARIANCE_FLOOR)
+    floor = body_floor(by_layer, groups, BODY_COVARIANCE_FLOOR)
     laplace_layers = pieces.laplace_layers(floor)
     spectra = pieces.rescaled_spectra(by_layer)  # against κP, the prior the certificate uses
     chosen_width = width
@@ -256,7 +266,7 @@ def finetune(
     if chosen_width == "bound":
         fit = fit_scales(spectra, n=blocks.n, nll_sum=blocks.nll_sum, objective=fit_obj, delta=delta)
         pieces = PosteriorFit(pieces.unit, pieces.params, spectra, fit, blocks.n, blocks.nll_sum, by_layer)
-        chosen, selection = _select_sharpen(model, reference, pieces, mean, train_loader, sharpen, selection_samples,
+        chosen, selection = select_sharpen(model, reference, pieces, mean, train_loader, sharpen, selection_samples,
                                             delta / hypotheses, torch.Generator().manual_seed(seed + 1), progress)
         layers = pieces.layers(chosen)
         taylor = pieces.taylor_bound(chosen, delta)
@@ -273,7 +283,7 @@ def finetune(
             return q, t, record
 
         laplace, temperature, width_record = widest(laplace_layers, WIDTH_GRID)
-        lowered = _body_floor(by_layer, groups, temperature)
+        lowered = body_floor(by_layer, groups, temperature)
         if BODY_FLOOR_FOLLOWS_WIDTH and lowered != floor:  # choose T again, at or below the first choice
             again, t, second = widest(pieces.laplace_layers(lowered), [w for w in WIDTH_GRID if w <= temperature])
             if second["met"]:  # otherwise the data reject the wider body at every T: the first choice stands
@@ -282,8 +292,8 @@ def finetune(
                 floor, laplace, temperature = lowered, again, t
         layers = dict(laplace.scaled(dict.fromkeys(laplace.layers, 1.0 / temperature)).layers)
         pieces = PosteriorFit(pieces.unit, pieces.params, spectra, None, blocks.n, blocks.nll_sum, by_layer)
-        alphas = {sp.name: floor[_name(sp.name)] / by_layer[_name(sp.name)] for sp in spectra}
-        taus = {sp.name: temperature / pinned.get(_name(sp.name), 1.0) for sp in spectra}
+        alphas = {sp.name: floor[layer_name(sp.name)] / by_layer[layer_name(sp.name)] for sp in spectra}
+        taus = {sp.name: temperature / pinned.get(layer_name(sp.name), 1.0) for sp in spectra}
         taylor = pieces.taylor_bound_of(laplace_layer_logs(spectra, taus, alphas), delta)
         # no scale fit for the Laplace width: Q = (F_new + α·κP)/T is β = 1, τ = T against κP
         fit = ScaleFit(scales={sp.name: {"alpha": alphas[sp.name], "beta": 1.0, "tau": taus[sp.name]}
@@ -312,22 +322,13 @@ def finetune(
                         "note": STRENGTH_NOTE}
     meta["head_refit"] = {"enabled": refit, "heads": head_record, "note": HEAD_REFIT_NOTE}
     meta["width"] = {"requested": width, "chosen": chosen_width, "selection": width_record, "note": WIDTH_NOTE,
-                     "pinned_heads": {k: PINNED_HEAD_WIDTH for k in pinned}}
+                     "pinned_heads": {k: 1.0 / factor for k, factor in pinned.items()}}
     meta["bound"].update(taylor)
     if chosen_width == "bound":
         meta["sharpen"] = {"chosen": chosen, "selection": selection, "note": SHARPEN_NOTE}
     return Posterior(mean, layers, meta, model=model, prior=reference)
 
 
-WIDTH_NOTE = (
-    "laplace: Q = (F_new + κ̄P)/T, κ in a new head, T the widest on calibration.WIDTH_GRID whose predictive keeps "
-    "the training data's accuracy and its total log-likelihood within 1.92 nats (Wilks' 95% interval), or, where a "
-    "new head was shrunk by the likelihood-ratio rule, within what that left of the two parameters' joint 3.00 nats "
-    "(tuning.width_slack), with that head's covariance pinned at PINNED_HEAD_WIDTH·T (its τ in scales); "
-    "in the body κ̄ = max(κ, T₁), T₁ that widest T with κ̄ = max(κ, 1), and T chosen again at "
-    "or below T₁ (selection['first']), so Q is never wider than the prior and, where κ < T, equal to it in the "
-    "directions the data did not see; bound: scales fitted on the Taylor bound, s by the kl-bound."
-)
 HEAD_REFIT_NOTE = (
     "each new head re-fitted on the trained body's features at the N(0, α⁻¹I) with the highest exact Laplace "
     "evidence (MAP re-fitted per α, α = λ·10^(k/2), k = −8…8); where no α's evidence beats the strongest α's by a "
@@ -352,36 +353,6 @@ MEAN_PENALTY_NOTE = (
 )
 
 
-def auto_width(mean: dict[str, Tensor], layers: dict[str, Layer], reference: Prior, spectra: Sequence[LayerSpectrum],
-               n: int, delta: float) -> str:
-    """"bound" where the Laplace Q's kl-bound at zero training error is below AUTO_BOUND (a bound can then be
-    informative), else "laplace".
-
-    KL(Q ‖ κP) is at least its mean term ½Σκ·m (the rest is a KL between zero-mean Gaussians, ≥ 0), which the
-    spectra already hold; where that alone puts the kl-bound above AUTO_BOUND, as in every few-shot fine-tune, the
-    exact KL (1.5 s of a 1-shot resnet10t fit) cannot change the answer and is not computed."""
-    if kl_bound(0.0, 0.5 * sum(sp.mahalanobis for sp in spectra), n, delta) >= AUTO_BOUND:
-        return "laplace"
-    kl = Prior(mean, layers, {}).kl(reference).item()
-    return "bound" if kl_bound(0.0, kl, n, delta) < AUTO_BOUND else "laplace"
-
-
-def width_slack(head_record: Mapping[str, Mapping[str, Any]]) -> float:
-    """The training log-likelihood Q's width T may give up: ½χ²₁(0.95) when T is the only parameter the training
-    likelihood sets; where k new heads were shrunk by the likelihood-ratio rule too, what they left of the joint
-    ½χ²ₖ₊₁(0.95) region (none left: T is as narrow as the grid allows)."""
-    given_up = likelihood_ratio_heads(head_record)
-    if not given_up:
-        return TRAIN_LOGLIK_SLACK
-    return max(joint_slack(len(given_up) + 1) - sum(given_up.values()), 0.0)
-
-
-def likelihood_ratio_heads(head_record: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
-    """{head: training log-likelihood its shrinkage gave up} for the new heads re-fitted by the likelihood-ratio rule
-    (zoo.head_evidence records that loss only for them): the one test both width_slack and the pin use."""
-    return {name: float(r["loglik_given_up"]) for name, r in head_record.items() if "loglik_given_up" in r}
-
-
 def _mean_penalty(prior: Prior, marglik: bool, method: str) -> Prior | ReferencePenalty | None:
     """The training penalty: the prior as given under strength='bound', else MEAN_PENALTY_NOTE's (None: no term)."""
     if not marglik:
@@ -393,56 +364,6 @@ def _mean_penalty(prior: Prior, marglik: bool, method: str) -> Prior | Reference
         raise ConfigError(f"this prior records no reference λ (prior_config.json 'lambda' is {lam!r}); pass "
                           "mean_penalty='none' to train the mean by likelihood alone")
     return ReferencePenalty(prior, float(lam))
-
-
-NORM_STATISTICS = ("keep", "adapt")
-
-
-def adapt_norm_statistics(model: nn.Module, loader: Iterable[Any]) -> int:
-    """Re-estimate every BatchNorm's running mean and variance on `loader` (a cumulative average over all its
-    batches, no gradients, weights untouched); returns how many layers were adapted."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not norms:
-        return 0
-    device = next(model.parameters()).device
-    momenta = [m.momentum for m in norms]
-    model.eval()
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative moving average: every batch counts equally
-        m.train()
-    try:
-        with torch.no_grad():
-            for x, _ in loader:
-                if x.shape[0] < 2:
-                    raise DataError("adapting BatchNorm statistics needs batches of at least 2 examples; use a "
-                                    "larger batch size or norm_statistics='keep'")
-                model(x.to(device))
-    finally:
-        for m, momentum in zip(norms, momenta, strict=True):
-            m.momentum = momentum
-        model.eval()
-    return len(norms)
-WIDTHS = ("auto", "laplace", "bound")
-AUTO_BOUND = 0.2
-"""width="auto" fits the bound-based Q when even zero training error would certify below this. At 0.5 it took the
-isotropic prior's 5-shot posteriors (KL under 7 nats once the head is re-fitted) to the bound-fitted width, whose
-predictive fell to 0.21–0.40 accuracy on 4 of 5 seeds (benchmarks/transfer.py): a bound near 0.5 says little."""
-BODY_COVARIANCE_FLOOR = 1.0
-"""The first width choice's body precision is F_new + max(κ, this)·P: the evidence may weaken the prior for the mean,
-not widen Q past it (BODY_FLOOR_FOLLOWS_WIDTH then lowers this to the width found)."""
-BODY_FLOOR_FOLLOWS_WIDTH = True
-"""Q = (F_new + κ̄P)/T is never wider than P where κ̄ ≥ T. So once T₁ is chosen with κ̄ = max(κ, 1), the body's
-floor drops to max(κ, T₁) and T is chosen again at or below T₁: where κ < T the body's precision is F_new/T + P, the
-training curvature tempered by T against the prior at its full, upstream-checked width, instead of (F_new + P)/T,
-T times narrower than the prior in every direction the data did not see. That body spread is the part that grows
-on inputs unlike the training data (benchmarks/ood_sets.py): on efficientnet_gn at 5 and 20 shots it lowered the
-predictive's NLL and ECE and raised its AUROC against uniform noise (docs/method.md §6)."""
-
-
-def _body_floor(kappa: dict[str, float], groups: dict[str, str], at_least: float) -> dict[str, float]:
-    """κ̄ per layer: max(κ, at_least) in the pretrained body, κ in a new head."""
-    return {name: (max(k, at_least) if groups[name] == "body" else k) for name, k in kappa.items()}
 
 
 STRENGTH_NOTE = (
@@ -461,203 +382,6 @@ STRENGTH_NOTE = (
 def strength_groups(prior: Prior) -> dict[str, str]:
     """Layer name → group: "head" for layers with an isotropic (new-head) prior, "body" for the pretrained rest."""
     return {name: ("head" if isinstance(layer, IsoLayer) else "body") for name, layer in prior.layers.items()}
-
-
-def _name(label: str) -> str:
-    return "" if label == "<root>" else label
-
-
-def laplace_layer_logs(spectra: Sequence[LayerSpectrum], taus: Mapping[str, float],
-                       alphas: Mapping[str, float]) -> Tensor:
-    """log α = log alphas[layer], log β = 0, log τ = log taus[layer]: Q = (F + ακP)/τ, spectra against κP."""
-    logs = torch.zeros(len(spectra), 3, dtype=torch.float64)
-    logs[:, 0] = torch.tensor([math.log(alphas[sp.name]) for sp in spectra], dtype=torch.float64)
-    logs[:, 2] = torch.tensor([math.log(taus[sp.name]) for sp in spectra], dtype=torch.float64)
-    return logs
-
-
-PINNED_HEAD_WIDTH = WIDTH_GRID[-1]
-"""Covariance multiplier of a new head whose scale the evidence could not set, on top of Q's width T."""
-
-
-def unidentified_heads(head_record: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
-    """{head: precision factor 1/PINNED_HEAD_WIDTH} for each new head shrunk by the likelihood-ratio rule.
-
-    Where the evidence cannot set a head's precision (one shot per class), the shots cannot tell its spread from
-    its shrinkage either: both only temper every prediction alike (its logit variance grows with the feature norm
-    alone). The shrinkage takes the joint likelihood-ratio region (zoo.head_evidence) and the head's spread is
-    pinned near zero, so Q's width T is chosen on, and its epistemic spread comes from, the body, whose prior was
-    checked upstream and widens most on inputs unlike the shots. Measured in benchmarks/transfer.py and
-    benchmarks/suite_task.py at one shot (docs/method.md §6)."""
-    return dict.fromkeys(likelihood_ratio_heads(head_record), 1.0 / PINNED_HEAD_WIDTH)
-
-
-SHARPEN_NOTE = (
-    "Q = (s·β F_new + α P)/τ with s picked from the grid by the kl-bound on a Monte Carlo estimate of the Gibbs "
-    "training error from draws independent of the certificate's; Q may depend on the data, so this costs the "
-    "certificate nothing. It corrects the Taylor fit where the Fisher underestimates the curvature (confident fits)."
-)
-SHARPEN_GRID = (1.0, 10.0, 100.0, 1e3, 1e4, 1e5)
-
-
-def _select_sharpen(
-    model: nn.Module, prior: Prior, pieces: PosteriorFit, mean: dict[str, Tensor], loader: Iterable[Any],
-    grid: Sequence[float] | None, samples: int, delta: float, generator: torch.Generator, progress: bool,
-) -> tuple[float, list[dict[str, float]]]:
-    """The curvature multiplier s whose Q has the lowest kl-bound on a selection estimate of its Gibbs error."""
-    values = tuple(grid) if grid is not None else SHARPEN_GRID
-    if len(values) == 1 or samples == 0:
-        return float(values[0]), []
-    rows = []
-    for s in tqdm(values, desc="choosing the posterior width", unit="width", disable=not progress):
-        candidate = Posterior(mean, pieces.layers(s), {}, model=model, prior=prior)
-        kl = candidate.kl(prior).item()
-        errors, n = candidate.gibbs_errors(loader, samples, generator)
-        rows.append({"sharpen": s, "gibbs_train_error": errors / (n * samples), "kl": kl,
-                     "kl_bound": kl_bound(errors / (n * samples), kl, n, delta)})
-    best = min(rows, key=lambda r: (r["kl_bound"], r["kl"]))
-    return best["sharpen"], rows
-
-
-def fit_posterior(
-    model: nn.Module, prior: Prior, blocks: Any, *, objective: str = "catoni", delta: float = 0.05
-) -> PosteriorFit:
-    """Per layer Q = (β F_new + α P)/τ around the model's weights, α, β, τ fitted against P on the bound."""
-    pieces = posterior_pieces(model, prior, blocks)
-    fit = fit_scales(pieces.spectra, n=blocks.n, nll_sum=blocks.nll_sum, objective=objective, delta=delta)
-    return PosteriorFit(pieces.unit, pieces.params, pieces.spectra, fit, blocks.n, blocks.nll_sum)
-
-
-def training_spans(blocks: Any, layers: dict[str, Layer], approx: str,
-                   extended: Mapping[str, Any] | None = None) -> dict[str, Tensor]:
-    """{Kronecker layer: orthonormal basis of its inputs on the training data}, from the K-FAC input factors.
-
-    The width selection's linearised draws are evaluated on the training data only, where a layer's deviation W
-    acts through W·a with a in that span: projecting the draws onto it changes none of those outputs and costs r/in
-    of the input-side rotation (5 of 4608 columns on resnet10t's last convolution at one shot per class). Only the
-    "expand" factors hold every input position; "reduce" averages them, so it gets no spans.
-
-    `extended` (layer → zoo.kron.extend's result, PosteriorFit.unit) reuses the root extend already searched for."""
-    if approx != "expand":
-        return {}
-    spans = {}
-    for name, layer in layers.items():
-        block = blocks.get(name)
-        if isinstance(layer, KronLayer) and isinstance(block, KronBlock):
-            searched = (extended or {}).get(name)
-            if hasattr(searched, "new_input_root"):
-                root = searched.new_input_root
-                span = None if root is None else span_of(root[0])
-            else:
-                span = input_span(block.A.cpu(), torch.finfo(block.A.dtype).eps)
-            if span is not None:
-                spans[name] = span
-    return spans
-
-
-def posterior_pieces(model: nn.Module, prior: Prior, blocks: Any) -> PosteriorFit:
-    """F_new + P per layer in P's basis, and the spectra u = E/R with the Mahalanobis terms (no scales fitted)."""
-    modules = dict(model.named_modules())
-    spectra: list[LayerSpectrum] = []
-    unit: dict[str, KronPrecision | tuple[dict[str, Tensor], dict[str, Tensor]]] = {}
-    params: dict[str, tuple[str, ...]] = {}
-    for name, layer in prior.layers.items():
-        block = blocks.get(name)
-        label = name or "<root>"
-        if block is None:
-            raise ModelError(f"the K-FAC pass produced no curvature for layer {name!r}; is it frozen in the model "
-                             "but not in the prior? Load model and prior together with zoo.load")
-        module = modules[name]
-        if isinstance(layer, KronLayer | IsoLayer) and isinstance(block, KronBlock):
-            theta = kron_matrix(module, layer.params).detach().double().cpu()
-            if isinstance(layer, KronLayer):
-                base = layer.precision
-                mu = torch.cat([prior.mean[_key(name, p)].reshape(theta.shape[0], -1) for p in layer.params],
-                               dim=1).double().cpu()
-                m = base.quadratic(theta - mu).item()
-            else:
-                base = isotropic_kron(layer.lam, *theta.shape)
-                m = layer.lam * theta.square().sum().item()
-            q1 = extend(base, block.A.detach().cpu(), block.G.detach().cpu())
-            e, r = split_diagonal(q1)
-            spectra.append(LayerSpectrum(label, (e / r).reshape(-1).cpu(), m))
-            unit[name] = q1
-            params[name] = layer.params
-        elif isinstance(layer, DiagLayer) and isinstance(block, DiagonalBlock):
-            fisher = {k: block.diagonal[k].detach().double().cpu() for k in layer.precision}
-            prec = {k: v.double().cpu() for k, v in layer.precision.items()}
-            own = dict(module.named_parameters(recurse=False))
-            u = torch.cat([(fisher[k] / prec[k]).reshape(-1) for k in prec])
-            m = sum((prec[k] * (own[k].detach().double().cpu() - prior.mean[_key(name, k)].double().cpu()).square())
-                    .sum().item() for k in prec)
-            spectra.append(LayerSpectrum(label, u, m))
-            unit[name] = (fisher, prec)
-        else:
-            raise ModelError(f"layer {name!r}: the prior holds a {type(layer).__name__} but the curvature pass gave a "
-                             f"{type(block).__name__}; the prior was built for another architecture or layer type")
-    return PosteriorFit(unit, params, spectra, None, blocks.n, blocks.nll_sum)
-
-
-class PosteriorFit:
-    """The per-layer pieces of Q = (s·β F_new + α·κP)/τ: its layers for a curvature multiplier s (1: as fitted).
-
-    `kappa` (layer → κ, default 1) is the prior strength the spectra and scales refer to.
-    """
-
-    def __init__(self, unit: dict[str, Any], params: dict[str, tuple[str, ...]], spectra: list[LayerSpectrum],
-                 fit: ScaleFit | None, n: int, nll_sum: float, kappa: dict[str, float] | None = None) -> None:
-        self.unit, self.params, self.spectra, self.fit, self.n, self.nll_sum = unit, params, spectra, fit, n, nll_sum
-        self.kappa = kappa or {}
-
-    def _layers(self, scales: dict[str, tuple[float, float]]) -> dict[str, Layer]:
-        """Layers with precision b·F_new + a·P for (b, a) = scales[name]."""
-        out: dict[str, Layer] = {}
-        for name, value in self.unit.items():
-            b, a = scales[name]
-            if isinstance(value, KronPrecision):
-                out[name] = KronLayer(rescale_parts(value, b, a), self.params[name])
-            else:
-                fisher, prec = value
-                out[name] = DiagLayer({k: b * fisher[k] + a * prec[k] for k in prec})
-        return out
-
-    def laplace_layers(self, kappa: dict[str, float]) -> dict[str, Layer]:
-        """The Laplace posterior F_new + κP per layer."""
-        return self._layers({name: (1.0, kappa.get(name, 1.0)) for name in self.unit})
-
-    def rescaled_spectra(self, kappa: dict[str, float]) -> list[LayerSpectrum]:
-        """The spectra against κP: u/κ and κ·m."""
-        out = []
-        for sp in self.spectra:
-            k = kappa.get(_name(sp.name), 1.0)
-            out.append(LayerSpectrum(sp.name, sp.ratios / k, sp.mahalanobis * k))
-        return out
-
-    def layers(self, sharpen: float = 1.0) -> dict[str, Layer]:
-        if self.fit is None:
-            raise ConfigError("these posterior pieces have no fitted scales; call fit_posterior")
-        scales = {}
-        for name in self.unit:
-            s = self.fit.scales[name or "<root>"]
-            k = self.kappa.get(name, 1.0)
-            scales[name] = (sharpen * s["beta"] / s["tau"], k * s["alpha"] / s["tau"])
-        return self._layers(scales)
-
-    def taylor_bound(self, sharpen: float, delta: float) -> dict[str, float]:
-        """The paper's number for the sharpened Q: Catoni on the Taylor risk in bits, c on the grid at δ/|grid|."""
-        if self.fit is None:
-            raise ConfigError("these posterior pieces have no fitted scales; call fit_posterior")
-        logs = torch.tensor([[math.log(self.fit.scales[sp.name][k]) for k in ("alpha", "beta", "tau")]
-                             for sp in self.spectra], dtype=torch.float64)
-        logs[:, 1] += math.log(sharpen)
-        return self.taylor_bound_of(logs, delta)
-
-    def taylor_bound_of(self, logs: Tensor, delta: float) -> dict[str, float]:
-        """Catoni on the Taylor risk in bits for per-layer log α, log β, log τ (rows in spectra order)."""
-        risk, kl = evaluate(self.spectra, logs, n=self.n, nll_sum=self.nll_sum)
-        grid = catoni_grid()
-        value, c = min((catoni_objective(risk, kl, self.n, delta / len(grid), c).item(), c) for c in grid)
-        return {"value": value, "c": c, "kl": kl.item(), "emp_risk_bits": risk.item(), "delta": delta}
 
 
 def isotropic_prior(prior: Prior, lam: float | None = None) -> Prior:
@@ -726,10 +450,6 @@ def posterior_meta(
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------------------
-def _key(module: str, local: str) -> str:
-    return f"{module}.{local}" if module else local
-
-
 def _labels(y: Any, device: torch.device) -> Tensor:
     t = torch.as_tensor(y)
     if t.dtype.is_floating_point or t.ndim != 1:

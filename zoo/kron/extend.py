@@ -63,7 +63,7 @@ def extend(prior: KronPrecision, a: Tensor, g: Tensor, scale: float = 1.0, prior
     in the prior's basis (then `approximation_error` is the measured relative Frobenius error). Against an
     isotropic prior, and on that second path, the result's `new_input_root` holds the low-rank root (L,
     ‖A − LLᵀ‖_F) of A it used, or None when A has none (zoo.kron.lowrank), so that callers needing A's span
-    (zoo.tuning.training_spans) do not search again.
+    (zoo.posterior_fit.training_spans) do not search again.
     """
     s, ps = _check_scale(scale, "scale"), _check_scale(prior_scale, "prior_scale")
     new = KronPrecision([(a, g)], [s], approximation="eigenbasis", check_psd=False)  # checked below, per path
