@@ -92,15 +92,33 @@ class _Flat:
 
 
 def evaluate(flat: _Flat | Sequence[LayerSpectrum], logs: Tensor, *, n: int, nll_sum: float) -> tuple[Tensor, Tensor]:
-    """(empirical Taylor risk in bits, KL in nats) at the log-scales (L × 3: log α, log β, log τ)."""
-    f = flat if isinstance(flat, _Flat) else _Flat(flat)
-    per = logs[f.layer]
-    denom = per[:, 1].exp() * f.u + per[:, 0].exp()  # βu + α
+    """(empirical Taylor risk in bits, KL in nats) at the log-scales (L × 3: log α, log β, log τ).
+
+    With x = τ/(βu + α) per ratio u: trace = ½Σ u·x, KL = ½(Σ (x − 1 − log x) + Σ m). Exact spectra (one ratio per
+    parameter) are summed layer by layer with the layer's scalar scales, never gathering a copy of every ratio per
+    scale: a resnet10t's 4.9 million took 0.93 s gathered, the cost of the Taylor bound recorded with every fit."""
+    if not isinstance(flat, _Flat):
+        return _evaluate_by_layer(flat, logs, n=n, nll_sum=nll_sum)
+    per = logs[flat.layer]
+    denom = per[:, 1].exp() * flat.u + per[:, 0].exp()  # βu + α
     x = per[:, 2].exp() / denom  # τ/(βu + α)
-    trace = 0.5 * (f.weight * f.u * x).sum()
-    kl = 0.5 * ((f.weight * (x - 1 - x.log())).sum() + f.mahalanobis)
-    risk = (nll_sum / n + trace / n) / math.log(2)
-    return risk, kl
+    trace = 0.5 * (flat.weight * flat.u * x).sum()
+    kl = 0.5 * ((flat.weight * (x - 1 - x.log())).sum() + flat.mahalanobis)
+    return (nll_sum / n + trace / n) / math.log(2), kl
+
+
+def _evaluate_by_layer(spectra: Sequence[LayerSpectrum], logs: Tensor, *, n: int,
+                       nll_sum: float) -> tuple[Tensor, Tensor]:
+    scales = logs.exp()
+    trace = logs.new_zeros(())
+    kl = logs.new_zeros(())
+    for i, spectrum in enumerate(spectra):
+        u = spectrum.ratios.reshape(-1).to(logs.dtype)
+        x = scales[i, 2] / (scales[i, 1] * u + scales[i, 0])
+        trace = trace + 0.5 * (u * x).sum()
+        kl = kl + 0.5 * (x - 1 - x.log()).sum()
+    kl = kl + 0.5 * sum(spectrum.mahalanobis for spectrum in spectra)
+    return (nll_sum / n + trace / n) / math.log(2), kl
 
 
 def _check(n: int, nll_sum: float, spectra: Sequence[LayerSpectrum], objective: str) -> None:
@@ -135,7 +153,7 @@ def fit_scales(
     """Minimise the bound over per-layer log α, log β, log τ (Adam), alternating with Catoni's c on a grid."""
     _check(n, nll_sum, spectra, objective)
     grid = catoni_grid()
-    flat, exact = _Flat(spectra, points=SUMMARY_POINTS), _Flat(spectra)
+    flat, exact = _Flat(spectra, points=SUMMARY_POINTS), spectra
     logs = torch.zeros(len(spectra), 3, dtype=torch.float64, requires_grad=True)
     c = 1.0
     for _ in range(rounds if objective == "catoni" else 1):
