@@ -4,6 +4,8 @@
    through Q and the certificate; `mean_penalty="reference"` adds L2-SP toward the pretrained body; with
    strength="bound", the paper's way, a differentiable Catoni or McAllester bound (or MAP) against the prior itself,
    Catoni's c re-chosen on `catoni_grid()` every epoch (it only steers θ̂, so it costs the certificate nothing).
+   There the risk is the batch's mean NLL in bits, the KL's weight-dependent term ½(θ−μ)ᵀΛ_P(θ−μ), and N the size
+   of the training set, never the batch size.
 2. Each new head re-fitted at its exact Laplace evidence (zoo.head_evidence).
 3. K-FAC on the training data at θ̂: F_new per layer, added to the prior in its own basis (zoo.posterior_fit).
 4. The prior's strength κ per group (pretrained body, new head) by the Laplace evidence (zoo.marglik), and Q's
