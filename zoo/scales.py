@@ -67,18 +67,18 @@ class ScaleFit:
 
 
 class _Flat:
-    """All layers' ratios in one vector with their layer index, so each step is a few vector ops.
+    """All layers' ratios in one vector with their layer index, so each optimiser step is a few vector ops.
 
-    With `points`, each layer's sorted ratios are summarised by `points` equal-count chunks (chunk mean,
-    weight = count): the optimiser's steps then cost O(layers · points) instead of O(parameters). Reported
-    bounds are always evaluated on the exact ratios.
+    Each layer's sorted ratios are summarised by `points` equal-count chunks (chunk mean, weight = count): the
+    steps then cost O(layers · points) instead of O(parameters). Reported bounds are always evaluated on the exact
+    ratios (the spectra themselves, layer by layer).
     """
 
-    def __init__(self, spectra: Sequence[LayerSpectrum], points: int | None = None) -> None:
+    def __init__(self, spectra: Sequence[LayerSpectrum], points: int) -> None:
         values, weight, layer = [], [], []
         for i, s in enumerate(spectra):
             u = s.ratios.reshape(-1).double()
-            if points is not None and u.numel() > points:
+            if u.numel() > points:
                 chunks = torch.sort(u).values.tensor_split(points)
                 u = torch.stack([c.mean() for c in chunks])
                 w = torch.tensor([c.numel() for c in chunks], dtype=torch.float64)
@@ -153,7 +153,7 @@ def fit_scales(
     """Minimise the bound over per-layer log α, log β, log τ (Adam), alternating with Catoni's c on a grid."""
     _check(n, nll_sum, spectra, objective)
     grid = catoni_grid()
-    flat, exact = _Flat(spectra, points=SUMMARY_POINTS), spectra
+    flat = _Flat(spectra, points=SUMMARY_POINTS)
     logs = torch.zeros(len(spectra), 3, dtype=torch.float64, requires_grad=True)
     c = 1.0
     for _ in range(rounds if objective == "catoni" else 1):
@@ -168,10 +168,10 @@ def fit_scales(
             opt.step()
         if objective == "catoni":
             with torch.no_grad():
-                risk, kl = evaluate(exact, logs, n=n, nll_sum=nll_sum)
+                risk, kl = evaluate(spectra, logs, n=n, nll_sum=nll_sum)
                 c = min(grid, key=lambda cc: _bound(objective, risk, kl, n, delta, cc).item())
     with torch.no_grad():
-        risk, kl = evaluate(exact, logs, n=n, nll_sum=nll_sum)
+        risk, kl = evaluate(spectra, logs, n=n, nll_sum=nll_sum)
         bound = _bound(objective, risk, kl, n, delta, c).item()
     values = logs.detach().exp()
     scales = {
