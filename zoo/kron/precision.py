@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Container, Sequence
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -126,17 +126,6 @@ class KronPrecision:
                 raise InvalidFactorError(f"an eigendecomposition of {side}[{k}] must be ({n},) values and ({n}, {n}) "
                                          f"vectors, got {tuple(values.shape)} and {tuple(vectors.shape)}")
             cache[k] = (values.to(self.device, FACTOR_DTYPE), vectors.to(self.device, FACTOR_DTYPE))
-
-    def keeping_factor_eigh(self, terms: Container[int]) -> KronPrecision:
-        """The same precision, decomposition included, storing only the listed terms' factor eigendecompositions.
-
-        A sum carries the eigendecompositions of every term it was made from; what it stores (and so what an
-        artifact writes) then depends on which terms happened to be decomposed before (zoo.kron.chain)."""
-        new = self._derived(self.scales, self.damping)
-        new._dec, new._error = self._dec, self._error
-        new._eig_a = {k: v for k, v in self._eig_a.items() if k in terms}
-        new._eig_g = {k: v for k, v in self._eig_g.items() if k in terms}
-        return new
 
     def decomposition(self) -> Decomposition:
         """The decomposed form all operations use, computed once (float64)."""
