@@ -90,13 +90,12 @@ class ServedModel:
         spread is pinned (fitted on about one image per class) gives no epistemic uncertainty."""
         if self.mode != "fast":
             return None
-        from zoo.predictive import pinned_heads
+        from zoo.predictive import pinned_head_message, pinned_heads
 
         heads = sorted(pinned_heads(self.gaussian))
         if not heads:
             return None
-        return (f"the classifier {heads[0]!r} has its spread pinned (fitted on about one image per class), so mode "
-                "fast answers with no epistemic uncertainty; serve it with --mode glm for the body's")
+        return pinned_head_message(heads[0]) + "; serve it with --mode glm for the body's"
 
     @property
     def draws_weights(self) -> bool:

@@ -42,6 +42,12 @@ class PinnedHeadWarning(UserWarning):
     """mode="fast" on a classifier whose spread is pinned: its answers carry no epistemic uncertainty."""
 
 
+def pinned_head_message(head: str) -> str:
+    """What `fast` leaves out for a classifier whose spread is pinned; callers add how to get the body's spread."""
+    return (f"the classifier {head!r} has its spread pinned (the training data could not set its scale, e.g. one image "
+            "per class), so mode 'fast' gives the mean network's probabilities and no epistemic uncertainty")
+
+
 def pinned_heads(gaussian: object) -> dict[str, float]:
     """The classifiers whose covariance zoo.finetune pinned (meta["width"]["pinned_heads"], multiplier below 1):
     their scale could not be set from the training data (one image per class), so their spread is near zero."""
@@ -153,10 +159,8 @@ class Predictor:
             self._head = classifier_name(model)
             self._head_cov = _head_covariance(gaussian, model, self._head)
             if warn_pinned and self._head in pinned_heads(gaussian):
-                warnings.warn(f"the classifier {self._head!r} has its spread pinned (the training data could not set "
-                              "its scale, e.g. one image per class), so mode='fast' gives the mean network's "
-                              "probabilities and no epistemic uncertainty; use mode='glm' for the body's",
-                              PinnedHeadWarning, stacklevel=2)
+                warnings.warn(pinned_head_message(self._head) + "; use mode='glm' for the body's", PinnedHeadWarning,
+                              stacklevel=2)
             out = self._head_cov[0].shape[0]
             z = torch.randn((samples, out), generator=gen, dtype=torch.float64)
             self._z = z

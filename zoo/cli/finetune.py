@@ -105,11 +105,11 @@ def _finetune(args: argparse.Namespace) -> int:
     g = torch.Generator().manual_seed(args.seed)
     loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, shuffle=True, generator=g)
     fixed = torch.utils.data.DataLoader(data, batch_size=args.batch_size, shuffle=False)
+    norms = {} if args.norm_statistics is None else {"norm_statistics": args.norm_statistics}  # else each path's own
     if args.certificate == "data-dependent":
         if args.objective == "map":
             raise ConfigError("--certificate data-dependent fits Q's width on a bound; use --objective catoni or "
                               "mcallester")
-        norms = {} if args.norm_statistics is None else {"norm_statistics": args.norm_statistics}
         run = certify_data_dependent(model, prior, fixed, objective=args.objective, epochs=args.epochs, lr=args.lr,
                                      delta=args.delta, samples=args.samples,
                                      generator=torch.Generator().manual_seed(args.seed), progress=True, **norms)
@@ -118,7 +118,7 @@ def _finetune(args: argparse.Namespace) -> int:
     else:
         posterior = finetune(model, prior, loader, args.objective, epochs=args.epochs, lr=args.lr, delta=args.delta,
                              generator=torch.Generator().manual_seed(args.seed), dataset=str(args.data),
-                             prior_ref=str(args.prior), norm_statistics=args.norm_statistics or "keep")
+                             prior_ref=str(args.prior), **norms)
         cert = posterior.certificate(fixed, delta=args.delta, samples=args.samples,
                                      generator=torch.Generator().manual_seed(args.seed + 1), progress=True)
     posterior.meta["classes"] = list(classes)
