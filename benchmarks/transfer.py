@@ -218,7 +218,9 @@ def run_ours(up: Upstream, train: Batches, x: Tensor, y: Tensor, seed: int, epoc
         result = measure(pred.probs[:n], y, pred.probs[n:], mi=mi[:n], ood_mi=mi[n:])
         used = getattr(pred, "mode", None)
         note = f"predict mode {used}" if used else ""
-        result.update(fit_s=fit, predict_s=seconds,
+        selection = post.meta.get("width", {}).get("selection") or {}
+        result.update(fit_s=fit, predict_s=seconds, width_T=selection.get("T"),
+                      kappa=(post.meta.get("strength") or {}).get("kappa"),
                       note=note + (" (head's spread pinned: the mean network's probabilities)" if pinned else ""))
         label = ours_row(objective, mode, default, isotropic=isotropic)
         rows[label if mean_penalty is None else f"{label}, mean_penalty={mean_penalty}"] = result

@@ -15,12 +15,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from zoo.curvature import DiagonalBlock, KronBlock
+from zoo.curvature import DiagonalBlock, KFACResult, KronBlock
 from zoo.errors import ConfigError, ModelError
 from zoo.kron import KronPrecision, extend, rescale_parts, split_diagonal
 from zoo.kron.lowrank import input_span, span_of
 from zoo.layers import DiagLayer, IsoLayer, KronLayer, Layer, isotropic_kron, kron_matrix
 from zoo.pacbayes import catoni_grid, catoni_objective
+from zoo.predictive import classifier_name
 from zoo.prior import Prior
 from zoo.scales import LayerSpectrum, ScaleFit, evaluate, fit_scales
 
@@ -59,6 +60,41 @@ def training_spans(blocks: Any, layers: dict[str, Layer], approx: str,
             if span is not None:
                 spans[name] = span
     return spans
+
+
+HEAD_CURVATURES = ("bohning", "fisher")
+
+
+def bohning_factor(classes: int, *, dtype: torch.dtype = torch.float64) -> Tensor:
+    """½(I − 11ᵀ/C): Böhning's bound on the softmax log-likelihood's Hessian in the logits, the same at any weights.
+
+    K-FAC's output factor for a head is the mean of Λᵢ = diag(pᵢ) − pᵢpᵢᵀ, near zero once the head fits its few
+    examples confidently, so the head's Laplace covariance stays its prior's in every direction, seen or not, and
+    its logit variance follows the feature norm alone. The bound (Böhning 1992, Λᵢ ⪯ ½(I − 11ᵀ/C)) keeps the
+    curvature of the data's span: the head is then narrow along the training features and at its prior across
+    them, so its spread grows on inputs unlike the shots. It is one factor for every example, so kron(A, B) =
+    Σᵢ āᵢāᵢᵀ ⊗ B is exact for it (no independence assumption) and bounds the head's exact GGN Σᵢ āᵢāᵢᵀ ⊗ Λᵢ from
+    above, with A in K-FAC's scale (summed over the data)."""
+    return 0.5 * (torch.eye(classes, dtype=dtype) - 1.0 / classes)
+
+
+def new_classifier(model: nn.Module, prior: Prior) -> list[str]:
+    """[the classifier's name] where it carries a new head's isotropic prior, else []: the one layer whose outputs
+    are the logits, the only one Böhning's bound is about (an isotropic_prior's body layers are not)."""
+    if not any(isinstance(m, nn.Linear) for m in model.modules()):
+        return []
+    name = classifier_name(model)
+    return [name] if isinstance(prior.layers.get(name), IsoLayer) else []
+
+
+def with_bohning_heads(blocks: KFACResult, heads: Sequence[str]) -> KFACResult:
+    """`blocks` with each Linear head's G replaced by `bohning_factor` (its A, the data's inputs, kept)."""
+    out = dict(blocks)
+    for name in heads:
+        block = blocks.get(name)
+        if isinstance(block, KronBlock):
+            out[name] = KronBlock(block.A, bohning_factor(block.G.shape[0], dtype=block.G.dtype).to(block.G.device))
+    return KFACResult(out, n=blocks.n, nll_sum=blocks.nll_sum, fisher=blocks.fisher, approx=blocks.approx)
 
 
 def posterior_pieces(model: nn.Module, prior: Prior, blocks: Any) -> PosteriorFit:

@@ -46,6 +46,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "training images first (AdaBN), which a domain shift such as ImageNet to digits needs (kept, "
                         "such a network can stay at chance); the certificate does not account for adapting on its "
                         "own data. Default: keep, and for --certificate data-dependent adapt on the prior's half")
+    p.add_argument("--head-curvature", choices=("bohning", "fisher"), default="bohning",
+                   help="a new head's curvature in Q: Böhning's bound on the softmax Hessian, so its spread grows "
+                        "on inputs unlike the training images (default), or K-FAC's output factor, near zero once "
+                        "the head fits (used by --certificate data-dependent, as measured there)")
     p.add_argument("--certificate", choices=("training", "data-dependent"), default="training",
                    help="training: fine-tune on all the data and certify against the prior (vacuous for small n); "
                         "data-dependent: re-centre the prior on half the data, fit Q's width and certify on the rest "
@@ -118,7 +122,7 @@ def _finetune(args: argparse.Namespace) -> int:
     else:
         posterior = finetune(model, prior, loader, args.objective, epochs=args.epochs, lr=args.lr, delta=args.delta,
                              generator=torch.Generator().manual_seed(args.seed), dataset=str(args.data),
-                             prior_ref=str(args.prior), **norms)
+                             prior_ref=str(args.prior), head_curvature=args.head_curvature, **norms)
         cert = posterior.certificate(fixed, delta=args.delta, samples=args.samples,
                                      generator=torch.Generator().manual_seed(args.seed + 1), progress=True)
     posterior.meta["classes"] = list(classes)
