@@ -316,3 +316,22 @@ def test_auto_width_decides_as_the_exact_kl_does(prior_and_model, n: int) -> Non
     expected = "bound" if kl_bound(0.0, exact, n, 0.05) < AUTO_BOUND else "laplace"
     assert auto_width(mean, layers, reference, spectra, n, 0.05) == expected
     assert expected == ("laplace" if n == 24 else "bound")  # both branches are exercised
+
+
+def test_a_validation_loader_stops_early_and_keeps_the_best_epochs_weights(prior_and_model) -> None:
+    """With val_loader the mean keeps the epoch of lowest validation NLL, and training stops `patience` epochs
+    after it; a large learning rate on few data makes the validation NLL turn back up."""
+    prior, base = prior_and_model
+    val = data(7, 16)
+    post = finetune(_copy(base), prior, data(5, 8), val_loader=val, epochs=40, lr=0.3, patience=2, progress=False,
+                    width="laplace", generator=torch.Generator().manual_seed(0))
+    record = post.meta["finetune"]
+    history = record["history"]
+    scores = [h["val_nll"] for h in history]
+    best = min(range(len(scores)), key=scores.__getitem__)
+    assert record["best_epoch"] == best
+    assert len(history) == best + 3 < 40  # stopped two epochs after the best
+    with torch.no_grad():
+        nll = sum(torch.nn.functional.cross_entropy(post.model(x), y, reduction="sum").item() for x, y in val) / 16
+    assert nll == pytest.approx(scores[best], rel=1e-5)  # the model holds the best epoch's weights
+    assert nll < scores[-1]

@@ -215,50 +215,9 @@ def finetune(
         torch.manual_seed(seed)
         n, nll0 = _scan(model, train_loader, device)
         active = _mean_penalty(prior, marglik, mean_penalty)
-        train_objective = "map" if marglik else objective  # under marglik the trade-off is κ's, not the bound's
-        half_quad = 0.0 if active is None else (0.5 * active.quadratic(model)).item()
-        c = _choose_c(nll0 / LN2, half_quad, n, delta, 1.0) if objective == "catoni" and not marglik else LN2
-        history: list[dict[str, float]] = []
-        best: tuple[float, int, list[Tensor]] | None = None
-        optimizer = torch.optim.Adam(params, lr=lr)
-        bar = tqdm(range(epochs), desc=f"fine-tuning ({objective})", unit="epoch", disable=not progress)
-        for epoch in bar:
-            nll_sum, count, last_half_quad = 0.0, 0, half_quad
-            for x, y in train_loader:
-                x, y = x.to(device), _labels(y, device)
-                optimizer.zero_grad(set_to_none=True)
-                value, nll, hq = objective_value(model, active, x, y, train_objective, n=n, delta=delta, c=c)
-                if not torch.isfinite(value):
-                    raise NumericalError(f"the {objective} objective became {value.item()} at epoch {epoch}; lower "
-                                         f"the learning rate (lr={lr}) or check the data")
-                value.backward()
-                optimizer.step()
-                nll_sum += nll.item() * y.shape[0]
-                count += y.shape[0]
-                last_half_quad = hq.item()
-            mean_nll = nll_sum / max(count, 1)
-            record = {"epoch": epoch, "train_nll": mean_nll}
-            shown = {"nll": f"{mean_nll:.3f}"}
-            if active is not None:  # without a prior term there is no quadratic to report (it is not the KL)
-                record["half_quadratic"] = last_half_quad
-                shown["l2sp" if marglik else "kl_quad"] = f"{last_half_quad:.1f}"
-            if objective == "catoni":
-                if not marglik:
-                    c = _choose_c(mean_nll / LN2, last_half_quad, n, delta, c)
-                record["c"] = c
-            if val_loader is not None:
-                val_nll = _mean_nll(model, val_loader, device)
-                record["val_nll"] = val_nll
-                if best is None or val_nll < best[0]:
-                    best = (val_nll, epoch, [p.detach().clone() for p in params])
-            history.append(record)
-            bar.set_postfix(shown)
-            if best is not None and epoch - best[1] >= patience:
-                break
-        if best is not None:
-            with torch.no_grad():
-                for p, value in zip(params, best[2], strict=True):
-                    p.copy_(value)
+        history, best = _train_mean(model, params, train_loader, val_loader, active, objective=objective,
+                                    marglik=marglik, n=n, nll0=nll0, delta=delta, epochs=epochs, lr=lr,
+                                    patience=patience, device=device, progress=progress)
     refit = refit_head and marglik  # the head is re-fitted where κ, not the bound, carries the trade-off
     head_record = refit_new_heads(model, prior, train_loader, device) if refit else {}
     train_seconds = time.perf_counter() - t0
@@ -348,6 +307,60 @@ def finetune(
     if chosen_width == "bound":
         meta["sharpen"] = {"chosen": chosen, "selection": selection, "note": SHARPEN_NOTE}
     return Posterior(mean, layers, meta, model=model, prior=reference)
+
+
+def _train_mean(
+    model: nn.Module, params: list[Tensor], train_loader: Iterable[Any], val_loader: Iterable[Any] | None,
+    active: Prior | ReferencePenalty | None, *, objective: str, marglik: bool, n: int, nll0: float, delta: float,
+    epochs: int, lr: float, patience: int, device: torch.device, progress: bool,
+) -> tuple[list[dict[str, float]], tuple[float, int, list[Tensor]] | None]:
+    """Adam on the training objective for `epochs` (early-stopped on `val_loader`): the per-epoch record and the best
+    validation state, whose weights are already back in the model."""
+    train_objective = "map" if marglik else objective  # under marglik the trade-off is κ's, not the bound's
+    half_quad = 0.0 if active is None else (0.5 * active.quadratic(model)).item()
+    c = _choose_c(nll0 / LN2, half_quad, n, delta, 1.0) if objective == "catoni" and not marglik else LN2
+    history: list[dict[str, float]] = []
+    best: tuple[float, int, list[Tensor]] | None = None
+    optimizer = torch.optim.Adam(params, lr=lr)
+    bar = tqdm(range(epochs), desc=f"fine-tuning ({objective})", unit="epoch", disable=not progress)
+    for epoch in bar:
+        nll_sum, count, last_half_quad = 0.0, 0, half_quad
+        for x, y in train_loader:
+            x, y = x.to(device), _labels(y, device)
+            optimizer.zero_grad(set_to_none=True)
+            value, nll, hq = objective_value(model, active, x, y, train_objective, n=n, delta=delta, c=c)
+            if not torch.isfinite(value):
+                raise NumericalError(f"the {objective} objective became {value.item()} at epoch {epoch}; lower "
+                                     f"the learning rate (lr={lr}) or check the data")
+            value.backward()
+            optimizer.step()
+            nll_sum += nll.item() * y.shape[0]
+            count += y.shape[0]
+            last_half_quad = hq.item()
+        mean_nll = nll_sum / max(count, 1)
+        record = {"epoch": epoch, "train_nll": mean_nll}
+        shown = {"nll": f"{mean_nll:.3f}"}
+        if active is not None:  # without a prior term there is no quadratic to report (it is not the KL)
+            record["half_quadratic"] = last_half_quad
+            shown["l2sp" if marglik else "kl_quad"] = f"{last_half_quad:.1f}"
+        if objective == "catoni":
+            if not marglik:
+                c = _choose_c(mean_nll / LN2, last_half_quad, n, delta, c)
+            record["c"] = c
+        if val_loader is not None:
+            val_nll = _mean_nll(model, val_loader, device)
+            record["val_nll"] = val_nll
+            if best is None or val_nll < best[0]:
+                best = (val_nll, epoch, [p.detach().clone() for p in params])
+        history.append(record)
+        bar.set_postfix(shown)
+        if best is not None and epoch - best[1] >= patience:
+            break
+    if best is not None:
+        with torch.no_grad():
+            for p, value in zip(params, best[2], strict=True):
+                p.copy_(value)
+    return history, best
 
 
 HEAD_REFIT_NOTE = (
