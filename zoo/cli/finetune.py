@@ -49,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--head-curvature", choices=("bohning", "fisher"), default="bohning",
                    help="a new head's curvature in Q: Böhning's bound on the softmax Hessian, so its spread grows "
                         "on inputs unlike the training images (default), or K-FAC's output factor, near zero once "
-                        "the head fits (used by --certificate data-dependent, as measured there)")
+                        "the head fits. --certificate data-dependent always uses fisher, as its figures were measured")
     p.add_argument("--certificate", choices=("training", "data-dependent"), default="training",
                    help="training: fine-tune on all the data and certify against the prior (vacuous for small n); "
                         "data-dependent: re-centre the prior on half the data, fit Q's width and certify on the rest "
