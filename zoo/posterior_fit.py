@@ -23,16 +23,7 @@ from zoo.layers import DiagLayer, IsoLayer, KronLayer, Layer, isotropic_kron, kr
 from zoo.pacbayes import catoni_grid, catoni_objective
 from zoo.predictive import classifier_name
 from zoo.prior import Prior
-from zoo.scales import LayerSpectrum, ScaleFit, evaluate, fit_scales
-
-
-def fit_posterior(
-    model: nn.Module, prior: Prior, blocks: Any, *, objective: str = "catoni", delta: float = 0.05
-) -> PosteriorFit:
-    """Per layer Q = (β F_new + α P)/τ around the model's weights, α, β, τ fitted against P on the bound."""
-    pieces = posterior_pieces(model, prior, blocks)
-    fit = fit_scales(pieces.spectra, n=blocks.n, nll_sum=blocks.nll_sum, objective=objective, delta=delta)
-    return PosteriorFit(pieces.unit, pieces.params, pieces.spectra, fit, blocks.n, blocks.nll_sum)
+from zoo.scales import LayerSpectrum, ScaleFit, evaluate
 
 
 def training_spans(blocks: Any, layers: dict[str, Layer], approx: str,
@@ -177,7 +168,8 @@ class PosteriorFit:
 
     def layers(self, sharpen: float = 1.0) -> dict[str, Layer]:
         if self.fit is None:
-            raise ConfigError("these posterior pieces have no fitted scales; call fit_posterior")
+            raise ConfigError("these posterior pieces have no fitted scales; construct them with a ScaleFit "
+                              "(zoo.scales.fit_scales)")
         scales = {}
         for name in self.unit:
             s = self.fit.scales[name or "<root>"]
@@ -188,7 +180,8 @@ class PosteriorFit:
     def taylor_bound(self, sharpen: float, delta: float) -> dict[str, float]:
         """The paper's number for the sharpened Q: Catoni on the Taylor risk in bits, c on the grid at δ/|grid|."""
         if self.fit is None:
-            raise ConfigError("these posterior pieces have no fitted scales; call fit_posterior")
+            raise ConfigError("these posterior pieces have no fitted scales; construct them with a ScaleFit "
+                              "(zoo.scales.fit_scales)")
         logs = torch.tensor([[math.log(self.fit.scales[sp.name][k]) for k in ("alpha", "beta", "tau")]
                              for sp in self.spectra], dtype=torch.float64)
         logs[:, 1] += math.log(sharpen)

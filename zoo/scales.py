@@ -100,10 +100,9 @@ def evaluate(flat: _Flat | Sequence[LayerSpectrum], logs: Tensor, *, n: int, nll
     if not isinstance(flat, _Flat):
         return _evaluate_by_layer(flat, logs, n=n, nll_sum=nll_sum)
     per = logs[flat.layer]
-    denom = per[:, 1].exp() * flat.u + per[:, 0].exp()  # βu + α
-    x = per[:, 2].exp() / denom  # τ/(βu + α)
-    trace = 0.5 * (flat.weight * flat.u * x).sum()
-    kl = 0.5 * ((flat.weight * (x - 1 - x.log())).sum() + flat.mahalanobis)
+    ux, gap = _sums(flat.u, per[:, 0].exp(), per[:, 1].exp(), per[:, 2].exp(), flat.weight)
+    trace = 0.5 * ux
+    kl = 0.5 * (gap + flat.mahalanobis)
     return (nll_sum / n + trace / n) / math.log(2), kl
 
 
@@ -113,12 +112,19 @@ def _evaluate_by_layer(spectra: Sequence[LayerSpectrum], logs: Tensor, *, n: int
     trace = logs.new_zeros(())
     kl = logs.new_zeros(())
     for i, spectrum in enumerate(spectra):
-        u = spectrum.ratios.reshape(-1).to(logs.dtype)
-        x = scales[i, 2] / (scales[i, 1] * u + scales[i, 0])
-        trace = trace + 0.5 * (u * x).sum()
-        kl = kl + 0.5 * (x - 1 - x.log()).sum()
+        ux, gap = _sums(spectrum.ratios.reshape(-1).to(logs.dtype), scales[i, 0], scales[i, 1], scales[i, 2])
+        trace = trace + 0.5 * ux
+        kl = kl + 0.5 * gap
     kl = kl + 0.5 * sum(spectrum.mahalanobis for spectrum in spectra)
     return (nll_sum / n + trace / n) / math.log(2), kl
+
+
+def _sums(u: Tensor, alpha: Tensor, beta: Tensor, tau: Tensor, weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Σ w·u·x and Σ w·(x − 1 − log x) with x = τ/(βu + α): twice the trace term and the KL's zero-mean part."""
+    x = tau / (beta * u + alpha)
+    if weight is None:
+        return (u * x).sum(), (x - 1 - x.log()).sum()
+    return (weight * u * x).sum(), (weight * (x - 1 - x.log())).sum()
 
 
 def _check(n: int, nll_sum: float, spectra: Sequence[LayerSpectrum], objective: str) -> None:
