@@ -14,6 +14,7 @@ from digits_task import CLASSES, batches, downstream, gibbs_test_error, save_ima
 import zoo
 from zoo.certified import PRIOR_SCALE_GRID, certify_data_dependent, recentred_prior, split_batches
 from zoo.layers import IsoLayer, KronLayer
+from zoo.tuning import isotropic_prior
 
 
 def task(seed: int, n_train: int) -> tuple[list, torch.Tensor, torch.Tensor]:
@@ -71,6 +72,26 @@ def test_data_dependent_certificate_holds_on_held_out_data_and_is_informative() 
         assert "data-dependent prior" in run.posterior.meta["certificate_kind"]
         pretrained = prior.scaled(dict.fromkeys(prior.layers, run.kappa))
         assert run.posterior.kl(pretrained).item() > 100 * cert.kl
+
+
+def test_learned_prior_certifies_tighter_than_isotropic_where_both_say_something(one_thread: None) -> None:
+    """The paper's claim, where a certificate is informative: re-centred on the same half of 200 digits, at the same
+    strength κ = 100, the learned prior's shape gives a tighter certificate than an isotropic one at its λ, and
+    neither is vacuous. (Measured, seeds 0 and 1: 0.788 against 0.956, 0.550 against 0.574; seed 2 of the same
+    run: 0.613 against 0.649. At κ = 1000 the two nearly tie: Q sits on the prefix fit and the shape stops
+    mattering, README "Certificates that say something".)"""
+    for seed in range(2):
+        bounds = {}
+        for name in ("learned", "isotropic"):
+            train, _, _ = task(seed, 200)
+            torch.manual_seed(seed)
+            model, prior = zoo.load(str(upstream_prior_dir()), num_classes=CLASSES, reset_head=True)
+            prior = isotropic_prior(prior) if name == "isotropic" else prior
+            run = certify_data_dependent(model, prior, train, grid=(100.0,), epochs=20, samples=20,
+                                         generator=torch.Generator().manual_seed(seed))
+            bounds[name] = run.certificate.bound
+        assert max(bounds.values()) < 0.99, f"seed {seed}: a certificate is vacuous: {bounds}"
+        assert bounds["learned"] < bounds["isotropic"], f"seed {seed}: {bounds}"
 
 
 def test_cli_finetune_with_a_data_dependent_certificate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
