@@ -177,6 +177,25 @@ def test_new_head_gets_an_isotropic_prior(built) -> None:
     assert isinstance(same_size.layers[head], IsoLayer)
 
 
+def test_a_new_heads_initialisation_follows_the_generator_not_the_global_rng(built) -> None:
+    _, _, path = built
+
+    def head(seed: int | None) -> torch.Tensor:
+        generator = None if seed is None else torch.Generator().manual_seed(seed)
+        model, _ = zoo.load(str(path), num_classes=7, generator=generator)
+        return model.get_classifier().weight.detach().clone()
+
+    torch.manual_seed(123)
+    first = head(0)
+    torch.manual_seed(999)  # another global state: the same generator seed gives the same head
+    assert torch.equal(head(0), first)
+    assert not torch.equal(head(1), first)
+    torch.manual_seed(123)  # without a generator, the global state decides, as in timm
+    unseeded = head(None)
+    torch.manual_seed(123)
+    assert torch.equal(head(None), unseeded) and not torch.equal(unseeded, first)
+
+
 def test_a_replaced_head_lives_where_the_network_does(built) -> None:
     """timm builds a new classifier in float32 on the CPU; a float64 (or GPU) network must get one like itself,
     and the head's prior mean stays on the CPU with the rest of the Gaussian."""

@@ -36,11 +36,14 @@ def load(
     local_files_only: bool | None = None,
     token: str | None = None,
     verify: bool = True,
+    generator: torch.Generator | None = None,
 ) -> tuple[nn.Module, Prior]:
     """Return (model, prior): the weights are the prior's mean.
 
     A head of another size than `num_classes` (or any head with reset_head=True, for a new task of equal size)
-    is replaced by timm's `reset_classifier` and gets an N(0, λ⁻¹I) prior, λ defaulting to the artifact's.
+    is replaced by timm's `reset_classifier` and gets an N(0, λ⁻¹I) prior, λ defaulting to the artifact's. timm
+    initialises it from torch's global RNG; with `generator` it is seeded from that instead, whatever the global
+    state (creating the architecture still draws from the global RNG, as timm.create_model does).
     Hashes and shapes are verified before anything is used; the prior's layers are read lazily.
     """
     root = download(ref, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
@@ -52,7 +55,8 @@ def load(
     if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
         raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
     if reset_head or (num_classes is not None and num_classes != current):
-        prior = replace_head(model, prior, num_classes or current, lam if lam is not None else config["lambda"])
+        prior = replace_head(model, prior, num_classes or current, lam if lam is not None else config["lambda"],
+                             generator=generator)
     return model, prior
 
 
@@ -75,24 +79,31 @@ def create_model(root: os.PathLike[str], config: dict[str, Any]) -> nn.Module:
     return timm.create_model(arch, pretrained=False, pretrained_cfg_overlay=overlay, **kwargs)
 
 
-def reset_classifier(model: nn.Module, num_classes: int) -> None:
+def reset_classifier(model: nn.Module, num_classes: int, generator: torch.Generator | None = None) -> None:
     """timm's reset_classifier, with the new head on the device and dtype of the rest of the network.
 
     timm builds the new layer on the CPU in float32, so a model already moved to a GPU would fail at its first
-    forward pass."""
+    forward pass. With `generator`, its initialisation is drawn from a seed taken from it, in a forked CPU RNG."""
     first = next(model.parameters(), None)
-    model.reset_classifier(num_classes)
+    if generator is None:
+        model.reset_classifier(num_classes)
+    else:
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model.reset_classifier(num_classes)
     head = dict(model.named_modules()).get(model.pretrained_cfg.get("classifier", ""))
     if first is not None and head is not None:
         head.to(device=first.device, dtype=first.dtype)
 
 
-def replace_head(model: nn.Module, prior: Prior, num_classes: int, lam: float) -> Prior:
+def replace_head(model: nn.Module, prior: Prior, num_classes: int, lam: float,
+                 generator: torch.Generator | None = None) -> Prior:
     """A fresh classifier with an N(0, λ⁻¹I) prior; every other layer keeps the pretrained prior."""
     head_name = model.pretrained_cfg.get("classifier")
     if not head_name or not hasattr(model, "reset_classifier"):
         raise ConfigError("this model has no classifier that timm can reset; pass num_classes=None")
-    reset_classifier(model, num_classes)
+    reset_classifier(model, num_classes, generator)
     modules = dict(model.named_modules())
     head = modules.get(head_name)
     if head is None:
