@@ -3,7 +3,8 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-JOBS ?= 2  # pytest-xdist workers, one file each at a time and one intra-op thread each (tests/conftest.py)
+# pytest-xdist workers, one file each at a time and one intra-op thread each (tests/conftest.py); 0: one process
+JOBS ?= 2
 
 .PHONY: demo test lint bench clean
 

@@ -81,9 +81,9 @@ def test_learned_prior_certifies_tighter_than_isotropic_where_both_say_something
     run: 0.613 against 0.649. At κ = 1000 the two nearly tie: Q sits on the prefix fit and the shape stops
     mattering, README "Certificates that say something".)"""
     for seed in range(2):
+        train, _, _ = task(seed, 200)
         bounds = {}
         for name in ("learned", "isotropic"):
-            train, _, _ = task(seed, 200)
             torch.manual_seed(seed)
             model, prior = zoo.load(str(upstream_prior_dir()), num_classes=CLASSES, reset_head=True)
             prior = isotropic_prior(prior) if name == "isotropic" else prior
