@@ -41,8 +41,9 @@ def natural_images() -> list[tuple[str, Image.Image]]:
     out = [(Path(f).stem, Image.fromarray(a)) for f, a in zip(photos.filenames, photos.images, strict=True)]
     try:
         from skimage import data
-    except ImportError:
-        return out
+    except ImportError as err:  # without it the prior is built on 2 photos, not 7, and every figure changes
+        raise SystemExit("the ImageNet benchmarks build their prior on scikit-image's bundled photographs too: "
+                         "pip install -e '.[bench]' (or pip install scikit-image)") from err
     for name in SKIMAGE_PHOTOS:
         try:
             array = getattr(data, name)()
