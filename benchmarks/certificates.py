@@ -260,6 +260,11 @@ def main() -> None:
               f"{torch.get_num_threads()}", flush=True)
     elif args.prior:
         prior_dir = Path(args.prior)
+        config = json.loads((prior_dir / "prior_config.json").read_text())
+        # which prior a row used: its build data and its width check's multiplier decide every figure
+        record["prior"] = {key: config.get(key) for key in ("datasets", "lambda", "precision_multiplier",
+                                                            "prior_sha256")}
+        print(f"prior {prior_dir}: {record['prior']}", flush=True)
     else:
         prior_dir, used = build_imagenet_prior(Path(tempfile.mkdtemp(prefix="zoo-cert-")), device=DEVICE)
         record["prior"] = used
