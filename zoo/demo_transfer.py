@@ -76,7 +76,9 @@ def run_transfer(prior_dir: Path, out: Path, ood: list[tuple[str, Image.Image]],
                  plan: TransferPlan = TransferPlan(), progress: bool = True) -> dict[str, Any]:
     """Steps 5–9 of the demo from a saved prior repository; prints as it goes and returns every figure."""
     t_start = time.perf_counter()
-    model, prior = load(str(prior_dir), num_classes=10, reset_head=True)
+    # the new head is seeded from `seed`, not torch's global RNG: otherwise step 5 depended on what steps 1–4 drew
+    model, prior = load(str(prior_dir), num_classes=10, reset_head=True,
+                        generator=torch.Generator().manual_seed(seed))
     model = channels_last(model)
     cfg = input_config(model)
     model.pretrained_cfg = dict(model.pretrained_cfg, **cfg)  # saved in config.json: serve preprocesses the same
