@@ -74,12 +74,18 @@ def test_data_dependent_certificate_holds_on_held_out_data_and_is_informative() 
         assert run.posterior.kl(pretrained).item() > 100 * cert.kl
 
 
-def test_learned_prior_certifies_tighter_than_isotropic_where_both_say_something(one_thread: None) -> None:
+def test_learned_prior_certifies_tighter_than_isotropic_where_it_says_something(one_thread: None) -> None:
     """The paper's claim, where a certificate is informative: re-centred on the same half of 200 digits, at the same
-    strength κ = 100, the learned prior's shape gives a tighter certificate than an isotropic one at its λ, and
-    neither is vacuous. (Measured, seeds 0 and 1: 0.788 against 0.956, 0.550 against 0.574; seed 2 of the same
-    run: 0.613 against 0.649. At κ = 1000 the two nearly tie: Q sits on the prefix fit and the shape stops
-    mattering, README "Certificates that say something".)"""
+    strength κ = 100, the learned prior's shape gives an informative certificate, tighter than an isotropic prior's
+    at its λ.
+
+    Measured, seeds 0–1, learned against isotropic: 0.788 against 0.956 and 0.550 against 0.574 on one CPU machine;
+    0.882 against 1.000 and 0.546 against 0.960 on another (seeds 2–5 there: 0.818/1.000, 0.567/0.971,
+    0.658/1.000, 0.625/1.000; the isotropic Q's Gibbs risk was 0.37–0.58 on every seed, its draws too wide for the
+    network). The isotropic certificate is near or at vacuous depending on the machine, so only the learned one is
+    held to informative; the test used to hold both to < 0.99 and failed on the second machine. At κ = 1000 the two
+    nearly tie: Q sits on the prefix fit and the shape stops mattering, README "Certificates that say
+    something"."""
     for seed in range(2):
         train, _, _ = task(seed, 200)
         bounds = {}
@@ -90,7 +96,7 @@ def test_learned_prior_certifies_tighter_than_isotropic_where_both_say_something
             run = certify_data_dependent(model, prior, train, grid=(100.0,), epochs=20, samples=20,
                                          generator=torch.Generator().manual_seed(seed))
             bounds[name] = run.certificate.bound
-        assert max(bounds.values()) < 0.99, f"seed {seed}: a certificate is vacuous: {bounds}"
+        assert bounds["learned"] < 0.9, f"seed {seed}: the learned prior's certificate says nothing: {bounds}"
         assert bounds["learned"] < bounds["isotropic"], f"seed {seed}: {bounds}"
 
 
