@@ -10,7 +10,7 @@ from torch import nn
 
 import zoo
 from zoo import metrics
-from zoo.calibration import ACCURACY_SLACK, ECE_SLACK, NLL_TIE
+from zoo.calibration import ACCURACY_SLACK, ECE_SLACK, NLL_TIE, widest_within_one_se
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +43,14 @@ def test_held_out_figures_are_recorded_and_meet_the_targets(overconfident) -> No
     assert held["predictive"]["nll"] <= held["network"]["nll"]
     assert held["predictive"]["ece"] <= held["network"]["ece"] + ECE_SLACK
     assert held["t"] < max(row["t"] for row in held["grid"])  # a real width, not the network itself
+    # ties go to the wider prior: the chosen width is within one SE of the lowest NLL, no wider qualifying one is
+    assert held["rule"] == "the widest within one standard error of the lowest NLL"
+    feasible = [r for r in held["grid"] if r["meets"]]
+    best = min(feasible, key=lambda r: r["nll"])
+    chosen = next(r for r in feasible if r["t"] == held["t"])
+    assert chosen["nll"] - best["nll"] == pytest.approx(chosen["nll_gap"], abs=1e-12)
+    assert chosen["nll_gap"] <= chosen["nll_gap_se"]
+    assert all(r["nll_gap"] > r["nll_gap_se"] for r in feasible if r["t"] < held["t"])
 
 
 def test_prior_predicts_like_its_network_on_unseen_data(overconfident) -> None:
@@ -96,3 +104,23 @@ def test_a_network_sure_and_right_on_every_held_out_image_gets_the_widest_tie_no
     wider = [r for r in rows if r["t"] < held["t"]]
     assert wider and not wider[-1].get("meets_within_nll_tie", False)
     assert prior.meta["precision_multiplier"] == held["t"]
+
+
+def test_one_standard_error_rule_breaks_ties_toward_the_wider_prior() -> None:
+    """Brute force on hand-made per-image losses: t = 10 is best by 0.001 nats with an SE of about 0.03, so the
+    wider t = 1 wins; t = 0.1 is 0.5 nats worse (beyond its SE) and is not taken; a non-candidate never is."""
+    gen = torch.Generator().manual_seed(0)
+    noise = 0.1 * torch.randn(100, generator=gen, dtype=torch.float64)
+    best = 1.0 + noise
+    spread = torch.randn(100, generator=gen, dtype=torch.float64)
+    losses = [best + 0.5 + 0.01 * noise, best + 0.001 + 0.3 * (spread - spread.mean()), best, best - 1.0]
+    rows = [{"t": 0.1}, {"t": 1.0}, {"t": 10.0}, {"t": 0.01}]
+    diff = losses[1] - losses[2]
+    se = float(diff.std() / 10.0)
+    assert 0 < float(diff.mean()) <= se  # the hand-made tie really is one
+    assert widest_within_one_se(rows, losses, [0, 1, 2]) == 1
+    assert rows[1]["nll_gap"] == pytest.approx(float(diff.mean())) and rows[1]["nll_gap_se"] == pytest.approx(se)
+    assert rows[2]["nll_gap"] == 0.0
+    # without the tie the lowest stands
+    assert widest_within_one_se(rows, losses, [0, 2]) == 2
+    assert widest_within_one_se(rows, [x.clone() for x in losses[:3]] + [losses[3]], [2]) == 2

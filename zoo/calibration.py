@@ -5,7 +5,8 @@ held-out upstream data its accuracy within half a point of the network's, its NL
 beyond ECE_SLACK (ECE's resolution on a few hundred images). The scale fit
 (zoo.scales) serves the PAC-Bayes bound, not this; so the whole precision is then multiplied by the t of
 `PRECISION_GRID` that gives the lowest held-out NLL among the widths meeting those three conditions and keeping
-the network's top-1 answer on all but half a percent of the held-out images. The
+the network's top-1 answer on all but half a percent of the held-out images, or the widest of them within one
+standard error of that lowest NLL (a tie the held-out images cannot resolve goes to the wider prior). The
 predictive modes "glm" and "fast" are linear in the draw, so one pass of draws serves every t (deviations / √t).
 As t grows the predictive tends to the network itself, so the largest t meets the conditions up to Monte Carlo
 noise. Where none does, because the network is right and sure on every held-out image (any spread then raises
@@ -97,25 +98,55 @@ def select_precision_multiplier(
                         "are used to check the prior's predictive, so give the loader real labels or holdout=0")
     net = torch.softmax(mean.double(), dim=-1)
     reference = {k: v for k, v in _scores(net, y, net).items() if k != "agreement"}
-    rows = []
+    rows, losses = [], []
     for t in grid:
-        row = {"t": float(t), **_scores(predictive_probs(mean, deviations, t), y, net)}
+        probs = predictive_probs(mean, deviations, t)
+        row = {"t": float(t), **_scores(probs, y, net)}
         # the prior is the network's Bayesian counterpart: it may change at most ACCURACY_SLACK of its top-1 answers
         # (on a few held-out images accuracy alone could be kept while the answers move)
         row["meets"] = _predicts_like_the_network(row, reference, nll_slack=0.0)
         rows.append(row)
-    feasible = [r for r in rows if r["meets"]]
+        losses.append(per_image_nll(probs, y))
+    feasible = [i for i, r in enumerate(rows) if r["meets"]]
     fallback = None
     if feasible:
-        chosen = min(feasible, key=lambda r: r["nll"])
+        chosen = rows[widest_within_one_se(rows, losses, feasible)]
     else:
         chosen, fallback = _widest_tie(rows, reference)
     record = {"n": int(y.shape[0]), "mode": mode, "samples": samples, "network": reference,
               "predictive": {k: chosen[k] for k in ("accuracy", "nll", "ece")}, "t": chosen["t"],
-              "met": bool(feasible), "grid": rows}
+              "met": bool(feasible), "rule": "the widest within one standard error of the lowest NLL" if feasible
+              else "no width met the conditions", "grid": rows}
     if fallback is not None:
         record["fallback"] = fallback
     return chosen["t"], record
+
+
+def per_image_nll(probs: Tensor, y: Tensor) -> Tensor:
+    """(N,) float64 −log p(y) of (N, C) probabilities, floored as metrics.nll floors them."""
+    return -probs.double().gather(1, y[:, None]).squeeze(1).clamp_min(metrics.FLOOR).log()
+
+
+def widest_within_one_se(rows: Sequence[dict[str, Any]], losses: Sequence[Tensor], candidates: Sequence[int]) -> int:
+    """Index of the widest candidate (smallest t) whose mean loss exceeds the lowest candidate's by at most one
+    standard error of the per-image differences, as in glmnet's lambda.1se.
+
+    Near the network the held-out NLL is flat, and the lowest can beat its neighbours by less than the rounding
+    that differs between machines; a tie the data cannot resolve goes to the wider prior. Each row gets its gap
+    and that gap's standard error (`nll_gap`, `nll_gap_se`) for the record.
+    """
+    if not candidates:
+        raise ValueError("widest_within_one_se needs at least one candidate")
+    best = min(candidates, key=lambda i: float(losses[i].mean()))
+    chosen = best
+    for i in candidates:
+        diff = losses[i] - losses[best]
+        gap = float(diff.mean())
+        se = float(diff.std() / math.sqrt(diff.numel())) if diff.numel() > 1 else 0.0
+        rows[i]["nll_gap"], rows[i]["nll_gap_se"] = gap, se
+        if gap <= se and rows[i]["t"] < rows[chosen]["t"]:
+            chosen = i
+    return chosen
 
 
 def _predicts_like_the_network(row: Mapping[str, float], reference: Mapping[str, float], *, nll_slack: float) -> bool:
