@@ -529,10 +529,12 @@ def main() -> None:
         up = dataclasses.replace(up, ood_images=up.ood_images[subsample(up.ood_images.shape[0], args.max_test, 0)])
         print(f"\n{network}: {NETWORKS[network].note}; upstream accuracy on held-out digits 0–4 "
               f"{up.holdout_accuracy:.3f}; pretrain {up.pretrain_seconds:.0f} s, prior {up.prior_seconds:.0f} s "
-              f"(total {time.perf_counter() - t0:.0f} s); OOD set {up.ood_images.shape[0]} images")
+              f"(total {time.perf_counter() - t0:.0f} s); OOD set {up.ood_images.shape[0]} images; prior's width "
+              f"check: precision ×{up.precision_multiplier:.3g} ({up.width_rule})")
         report["upstream"][network] = {"arch": NETWORKS[network].arch, "holdout_accuracy": up.holdout_accuracy,
                                        "pretrain_s": up.pretrain_seconds, "prior_s": up.prior_seconds,
-                                       "ood_images": up.ood_images.shape[0]}
+                                       "ood_images": up.ood_images.shape[0],
+                                       "precision_multiplier": up.precision_multiplier, "width_rule": up.width_rule}
         report["results"][network] = {}
         for shots in args.shots:
             per_seed = []

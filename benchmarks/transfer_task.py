@@ -55,6 +55,8 @@ class Upstream:
     holdout_accuracy: float
     pretrain_seconds: float
     prior_seconds: float
+    precision_multiplier: float
+    width_rule: str
 
 
 def upstream_split(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -97,4 +99,6 @@ def upstream(name: str, seed: int = 0) -> Upstream:
     root = Path(tempfile.mkdtemp(prefix=f"zoo-transfer-{name}-"))
     atexit.register(shutil.rmtree, root, True)
     prior_dir = prior.save(str(root / "prior"), model=model)
-    return Upstream(name, prior_dir, x_ood, acc, pretrain_seconds, prior_seconds)
+    held = prior.meta["holdout"]
+    return Upstream(name, prior_dir, x_ood, acc, pretrain_seconds, prior_seconds,
+                    float(prior.meta["precision_multiplier"]), held.get("fallback", held.get("rule", "unchecked")))

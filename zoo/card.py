@@ -175,6 +175,7 @@ def _context(meta: Mapping[str, Any], repo_id: str, plan: Mapping[str, Any], bui
             f"{_fmt(held.get('t'))}): accuracy {_fmt(pred.get('accuracy'))} against the network's "
             f"{_fmt(net.get('accuracy'))}, NLL {_fmt(pred.get('nll'))} against {_fmt(net.get('nll'))}, ECE "
             f"{_fmt(pred.get('ece'))} against {_fmt(net.get('ece'))}."
+            + (f" Width: {held['rule']}." if held.get("met") and held.get("rule") else "")
             + ("" if held.get("met") else " No width met all three conditions strictly; kept: "
                f"{held.get('fallback', 'the narrowest')}.")
         )
