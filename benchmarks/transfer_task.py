@@ -101,4 +101,14 @@ def upstream(name: str, seed: int = 0) -> Upstream:
     prior_dir = prior.save(str(root / "prior"), model=model)
     held = prior.meta["holdout"]
     return Upstream(name, prior_dir, x_ood, acc, pretrain_seconds, prior_seconds,
-                    float(prior.meta["precision_multiplier"]), held.get("fallback", held.get("rule", "unchecked")))
+                    float(prior.meta["precision_multiplier"]), width_rule(held))
+
+
+def width_rule(held: dict) -> str:
+    """How the prior's width check chose, in words: the fallback taken, or the lowest NLL and its ties."""
+    if not held.get("n"):
+        return "not checked"
+    if not held.get("met"):
+        return str(held.get("fallback", "the narrowest"))
+    ties = held.get("ties_within_one_se") or []
+    return "the lowest held-out NLL; within one SE of it: " + (", ".join(f"×{t:.3g}" for t in ties) or "none")

@@ -10,7 +10,7 @@ from torch import nn
 
 import zoo
 from zoo import metrics
-from zoo.calibration import ACCURACY_SLACK, ECE_SLACK, NLL_TIE, widest_within_one_se
+from zoo.calibration import ACCURACY_SLACK, ECE_SLACK, NLL_TIE, lowest_with_gaps
 
 
 @pytest.fixture(scope="module")
@@ -43,14 +43,13 @@ def test_held_out_figures_are_recorded_and_meet_the_targets(overconfident) -> No
     assert held["predictive"]["nll"] <= held["network"]["nll"]
     assert held["predictive"]["ece"] <= held["network"]["ece"] + ECE_SLACK
     assert held["t"] < max(row["t"] for row in held["grid"])  # a real width, not the network itself
-    # ties go to the wider prior: the chosen width is within one SE of the lowest NLL, no wider qualifying one is
-    assert held["rule"] == "the widest within one standard error of the lowest NLL"
+    # the lowest held-out NLL among the qualifying widths; the record names the widths it cannot tell apart from it
     feasible = [r for r in held["grid"] if r["meets"]]
-    best = min(feasible, key=lambda r: r["nll"])
-    chosen = next(r for r in feasible if r["t"] == held["t"])
-    assert chosen["nll"] - best["nll"] == pytest.approx(chosen["nll_gap"], abs=1e-12)
-    assert chosen["nll_gap"] <= chosen["nll_gap_se"]
-    assert all(r["nll_gap"] > r["nll_gap_se"] for r in feasible if r["t"] < held["t"])
+    chosen = min(feasible, key=lambda r: r["nll"])
+    assert held["t"] == chosen["t"] and chosen["nll_gap"] == 0.0
+    assert all(r["nll_gap"] == pytest.approx(r["nll"] - chosen["nll"], abs=1e-12) for r in feasible)
+    assert held["ties_within_one_se"] == sorted(r["t"] for r in feasible
+                                                if r is not chosen and r["nll_gap"] <= r["nll_gap_se"])
 
 
 def test_prior_predicts_like_its_network_on_unseen_data(overconfident) -> None:
@@ -106,21 +105,22 @@ def test_a_network_sure_and_right_on_every_held_out_image_gets_the_widest_tie_no
     assert prior.meta["precision_multiplier"] == held["t"]
 
 
-def test_one_standard_error_rule_breaks_ties_toward_the_wider_prior() -> None:
-    """Brute force on hand-made per-image losses: t = 10 is best by 0.001 nats with an SE of about 0.03, so the
-    wider t = 1 wins; t = 0.1 is 0.5 nats worse (beyond its SE) and is not taken; a non-candidate never is."""
+def test_gaps_to_the_lowest_and_their_standard_errors_by_brute_force() -> None:
+    """Hand-made per-image losses: t = 10 is lowest by 0.001 nats, with an SE of about 0.03 for t = 1 and a clear
+    0.5 for t = 0.1; a row outside the candidates is neither chosen nor annotated, however low its loss."""
     gen = torch.Generator().manual_seed(0)
     noise = 0.1 * torch.randn(100, generator=gen, dtype=torch.float64)
     best = 1.0 + noise
     spread = torch.randn(100, generator=gen, dtype=torch.float64)
     losses = [best + 0.5 + 0.01 * noise, best + 0.001 + 0.3 * (spread - spread.mean()), best, best - 1.0]
     rows = [{"t": 0.1}, {"t": 1.0}, {"t": 10.0}, {"t": 0.01}]
+    assert lowest_with_gaps(rows, losses, [0, 1, 2]) == 2
     diff = losses[1] - losses[2]
     se = float(diff.std() / 10.0)
-    assert 0 < float(diff.mean()) <= se  # the hand-made tie really is one
-    assert widest_within_one_se(rows, losses, [0, 1, 2]) == 1
-    assert rows[1]["nll_gap"] == pytest.approx(float(diff.mean())) and rows[1]["nll_gap_se"] == pytest.approx(se)
-    assert rows[2]["nll_gap"] == 0.0
-    # without the tie the lowest stands
-    assert widest_within_one_se(rows, losses, [0, 2]) == 2
-    assert widest_within_one_se(rows, [x.clone() for x in losses[:3]] + [losses[3]], [2]) == 2
+    assert 0 < rows[1]["nll_gap"] <= rows[1]["nll_gap_se"]  # a tie the 100 images cannot resolve
+    assert rows[1]["nll_gap"] == pytest.approx(0.001) and rows[1]["nll_gap_se"] == pytest.approx(se)
+    assert rows[0]["nll_gap"] == pytest.approx(0.5 + 0.01 * float(noise.mean()))
+    assert rows[0]["nll_gap"] > rows[0]["nll_gap_se"]  # not a tie
+    assert rows[2]["nll_gap"] == 0.0 and "nll_gap" not in rows[3]
+    with pytest.raises(ValueError):
+        lowest_with_gaps(rows, losses, [])

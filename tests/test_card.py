@@ -64,13 +64,15 @@ def test_body_says_how_it_was_built_the_scales_the_bound_and_usage(tmp_path: Pat
 def test_card_shows_the_held_out_check(tmp_path: Path) -> None:
     meta = copy.deepcopy(META)
     meta["holdout"] = {"n": 5000, "mode": "glm", "t": 100.0, "met": True,
-                       "rule": "the widest within one standard error of the lowest NLL",
+                       "ties_within_one_se": [31.6, 1000.0],
                        "network": {"accuracy": 0.801, "nll": 0.85, "ece": 0.052},
                        "predictive": {"accuracy": 0.799, "nll": 0.81, "ece": 0.021}}
     text = written(tmp_path, meta).text
     assert "Checked on 5000 held-out images" in text and "accuracy 0.799 against the network's 0.801" in text
     assert "ECE 0.021 against 0.052" in text and "narrowest" not in text
-    assert "Width: the widest within one standard error of the lowest NLL." in text
+    assert "not told apart by these images: precision × 31.6, 1e+03." in text
+    meta["holdout"]["ties_within_one_se"] = []
+    assert "not told apart" not in written(tmp_path, meta).text
     meta["holdout"] = {"n": 0}
     assert "not checked on held-out data" in written(tmp_path, meta).text
 

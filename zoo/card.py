@@ -175,7 +175,9 @@ def _context(meta: Mapping[str, Any], repo_id: str, plan: Mapping[str, Any], bui
             f"{_fmt(held.get('t'))}): accuracy {_fmt(pred.get('accuracy'))} against the network's "
             f"{_fmt(net.get('accuracy'))}, NLL {_fmt(pred.get('nll'))} against {_fmt(net.get('nll'))}, ECE "
             f"{_fmt(pred.get('ece'))} against {_fmt(net.get('ece'))}."
-            + (f" Width: {held['rule']}." if held.get("met") and held.get("rule") else "")
+            + (" Within one standard error of its NLL, so not told apart by these images: precision × "
+               + ", ".join(_fmt(t) for t in held["ties_within_one_se"]) + "."
+               if held.get("met") and held.get("ties_within_one_se") else "")
             + ("" if held.get("met") else " No width met all three conditions strictly; kept: "
                f"{held.get('fallback', 'the narrowest')}.")
         )
