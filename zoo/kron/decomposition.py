@@ -214,7 +214,8 @@ class Decomposition:
         return None if bool((info != 0).any()) else roots
 
     def _sampler(self, dt: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-        return self.side_out.T.to(dt), self.side_in.T.to(dt), self.positive_diagonal().rsqrt().to(dt)
+        return (basis_for_matmul(self.side_out.T, dt), basis_for_matmul(self.side_in.T, dt),
+                without_subnormals(self.positive_diagonal().rsqrt(), dt))
 
     def _sampler_on(self, dt: torch.dtype, target: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         """The rotation bases in `dt` on `target`: float32 ones cached (per device), others converted per call."""
@@ -234,6 +235,34 @@ class Decomposition:
         """float32 copies for repeated float32 draws (a width selection takes 16): converting a 4608-wide
         float64 basis on every draw cost more than the draw's own matmuls on small layers."""
         return self._sampler(torch.float32)
+
+
+def without_subnormals(x: Tensor, dt: torch.dtype) -> Tensor:
+    """`x` in `dt` with its subnormal entries set to zero.
+
+    A float64 basis entry below float32's smallest normal number becomes subnormal when cast, and x86 matmuls on
+    subnormal operands run at a fraction of their speed: a resnet10t posterior's draws took 3.6 s each against
+    0.3 s with subnormals flushed (docs/benchmarks.md). Such entries are below float32's resolution of the basis
+    anyway, so the draws do not change beyond rounding."""
+    y = x.to(dt)
+    if not y.is_floating_point():
+        return y
+    return torch.where(y.abs() < torch.finfo(dt).tiny, torch.zeros((), dtype=dt, device=y.device), y)
+
+
+def basis_for_matmul(t: Tensor, dt: torch.dtype) -> Tensor:
+    """A basis in `dt` with each column's entries below eps(dt)² of that column's largest set to zero.
+
+    Eigenvectors of factors with an exact-zero structure (a conv's zero-padded border, a constant input) carry
+    rounding noise down to 1e-38 where they should be 0; multiplied by a draw, such entries give subnormal
+    products, which x86 matmuls process at a fraction of their speed. At 2⁻⁴⁶ of the column's scale they are
+    22 bits below float32's resolution, so the draws do not change beyond rounding (tested against the dense
+    covariance)."""
+    y = without_subnormals(t, dt)
+    if y.ndim != 2 or y.numel() == 0:
+        return y
+    cut = y.abs().amax(dim=0, keepdim=True) * torch.finfo(dt).eps ** 2
+    return torch.where(y.abs() < cut, torch.zeros((), dtype=dt, device=y.device), y)
 
 
 def _diag_congruence(x: Tensor, t: Tensor) -> Tensor:
