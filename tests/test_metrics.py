@@ -47,6 +47,11 @@ def test_accuracy_nll_brier_on_a_hand_case() -> None:
     assert metrics.accuracy(probs, y) == pytest.approx(0.5)
     assert metrics.nll(probs, y) == pytest.approx(-(math.log(0.7) + math.log(0.8) + math.log(0.25)
                                                     + math.log(0.2)) / 4, rel=1e-6)
+    per = metrics.nll_per_example(probs, y)
+    assert per.dtype == torch.float64
+    assert per.tolist() == pytest.approx([-math.log(0.7), -math.log(0.8), -math.log(0.25), -math.log(0.2)], rel=1e-6)
+    assert float(per.mean()) == metrics.nll(probs, y)
+    assert metrics.nll_per_example(torch.tensor([[1.0, 0.0]]), torch.tensor([1])).item() == -math.log(metrics.FLOOR)
     rows = [(0.3**2 + 0.2**2 + 0.1**2), (0.1**2 + 0.1**2 + 0.2**2), (0.5**2 + 0.75**2 + 0.25**2),
             (0.8**2 + 0.6**2 + 0.2**2)]
     assert metrics.brier(probs, y) == pytest.approx(sum(rows) / 4, rel=1e-6)

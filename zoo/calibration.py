@@ -106,7 +106,7 @@ def select_precision_multiplier(
         # (on a few held-out images accuracy alone could be kept while the answers move)
         row["meets"] = _predicts_like_the_network(row, reference, nll_slack=0.0)
         rows.append(row)
-        losses.append(per_image_nll(probs, y))
+        losses.append(metrics.nll_per_example(probs, y))
     feasible = [i for i, r in enumerate(rows) if r["meets"]]
     fallback = None
     ties: list[float] = []
@@ -122,11 +122,6 @@ def select_precision_multiplier(
     if fallback is not None:
         record["fallback"] = fallback
     return chosen["t"], record
-
-
-def per_image_nll(probs: Tensor, y: Tensor) -> Tensor:
-    """(N,) float64 −log p(y) of (N, C) probabilities, floored as metrics.nll floors them."""
-    return -probs.double().gather(1, y[:, None]).squeeze(1).clamp_min(metrics.FLOOR).log()
 
 
 def lowest_with_gaps(rows: Sequence[dict[str, Any]], losses: Sequence[Tensor], candidates: Sequence[int]) -> int:

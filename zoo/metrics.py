@@ -83,6 +83,22 @@ def accuracy(probs: Tensor, y: Tensor) -> float:
     return float(_classification().multiclass_accuracy(p, t, num_classes=p.shape[1], average="micro"))
 
 
+def _true_class(probs: Tensor, y: Tensor, *, log: bool = False) -> Tensor:
+    """(N,) float64 probability (or log-probability) of each example's true class, validated."""
+    p, t = _check(probs, y, log=log)
+    return p.gather(1, t[:, None]).squeeze(1)
+
+
+def _floored_nll(picked: Tensor) -> Tensor:
+    return -picked.clamp_min(FLOOR).log()
+
+
+def nll_per_example(probs: Tensor, y: Tensor) -> Tensor:
+    """(N,) float64 −log p(y) in nats, floored at `FLOOR` as `nll` floors it (without its warning): the values whose
+    mean `nll` is, for paired comparisons and their standard errors."""
+    return _floored_nll(_true_class(probs, y))
+
+
 def nll(probs: Tensor, y: Tensor, *, from_log: bool = False) -> float:
     """Mean negative log-likelihood of the true labels in nats.
 
@@ -90,8 +106,7 @@ def nll(probs: Tensor, y: Tensor, *, from_log: bool = False) -> float:
     exact even where a probability underflows. On probabilities a zero for the true class would make the mean
     infinite; it is floored at float64's smallest normal number (`FLOOR`, ≈ 708 nats) and a warning says so.
     """
-    p, t = _check(probs, y, log=from_log)
-    picked = p.gather(1, t[:, None]).squeeze(1)
+    picked = _true_class(probs, y, log=from_log)
     if from_log:
         return float(-picked.mean())
     zeros = int((picked < FLOOR).sum())
@@ -99,7 +114,7 @@ def nll(probs: Tensor, y: Tensor, *, from_log: bool = False) -> float:
         warnings.warn(f"nll: {zeros} of {picked.numel()} examples give their true class probability < float64 tiny; "
                       "floored at 2.2e-308 (≈ 708 nats each). Pass log-probabilities with from_log=True for the "
                       "exact value", RuntimeWarning, stacklevel=2)
-    return float(-picked.clamp_min(FLOOR).log().mean())
+    return float(_floored_nll(picked).mean())
 
 
 def ece(probs: Tensor, y: Tensor, bins: int = 15) -> float:

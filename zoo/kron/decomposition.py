@@ -238,30 +238,26 @@ class Decomposition:
 
 
 def without_subnormals(x: Tensor, dt: torch.dtype) -> Tensor:
-    """`x` in `dt` with its subnormal entries set to zero.
-
-    A float64 basis entry below float32's smallest normal number becomes subnormal when cast, and x86 matmuls on
-    subnormal operands run at a fraction of their speed: a resnet10t posterior's draws took 3.6 s each against
-    0.3 s with subnormals flushed (docs/benchmarks.md). Such entries are below float32's resolution of the basis
-    anyway, so the draws do not change beyond rounding."""
+    """`x` in `dt` with the entries that would be subnormal there set to zero (a draw's scale: x86 matmuls slow down
+    on subnormal operands, and such entries are below `dt`'s resolution of the largest anyway)."""
     y = x.to(dt)
-    if not y.is_floating_point():
-        return y
     return torch.where(y.abs() < torch.finfo(dt).tiny, torch.zeros((), dtype=dt, device=y.device), y)
 
 
 def basis_for_matmul(t: Tensor, dt: torch.dtype) -> Tensor:
-    """A basis in `dt` with each column's entries below eps(dt)² of that column's largest set to zero.
+    """A basis in `dt` with each column's entries below eps(dt)² of that column's largest, or subnormal in `dt`,
+    set to zero.
 
     Eigenvectors of factors with an exact-zero structure (a conv's zero-padded border, a constant input) carry
     rounding noise down to 1e-38 where they should be 0; multiplied by a draw, such entries give subnormal
-    products, which x86 matmuls process at a fraction of their speed. At 2⁻⁴⁶ of the column's scale they are
-    22 bits below float32's resolution, so the draws do not change beyond rounding (tested against the dense
-    covariance)."""
-    y = without_subnormals(t, dt)
+    products, which x86 matmuls process at a fraction of their speed (a resnet10t posterior's float32 draw: 3.6 s,
+    1.4 s with only the cast's subnormals zeroed, 0.43 s with this; docs/benchmarks.md). At 2⁻⁴⁶ of the column's
+    scale they are 22 bits below float32's resolution, so the draws do not change beyond rounding (tested against
+    the dense covariance)."""
+    y = t.to(dt)
     if y.ndim != 2 or y.numel() == 0:
-        return y
-    cut = y.abs().amax(dim=0, keepdim=True) * torch.finfo(dt).eps ** 2
+        return without_subnormals(y, dt)
+    cut = (y.abs().amax(dim=0, keepdim=True) * torch.finfo(dt).eps ** 2).clamp_min(torch.finfo(dt).tiny)
     return torch.where(y.abs() < cut, torch.zeros((), dtype=dt, device=y.device), y)
 
 
