@@ -9,7 +9,11 @@ head's spread is pinned, so this is the default predictive), beside:
 - the default rule's α (the network zoo.finetune returns);
 - the α a test-set oracle would pick (lowest held-out NLL): the room any rule has;
 - the α picked by the NLL of augmented views of the shots (each shot shifted by up to 2 px, 8 views): a candidate
-  calibration signal from outside the shots, measured here and not adopted (docs/benchmarks.md).
+  calibration signal from outside the shots, measured here and not adopted (docs/benchmarks.md);
+- mixtures over α instead of one α (Bayesian model averaging over the head's precision): weighted by each α's
+  Laplace evidence, uniform over the α the likelihood-ratio region admits, and the rule's α mixed with its
+  half-decade neighbours. Measured here and not adopted (docs/benchmarks.md, "One shot on this round.s machine, 15
+  precision").
 
     python benchmarks/one_shot_head_scale.py --network resnet10t --seeds 15
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -37,7 +42,7 @@ from transfer_task import NETWORKS, upstream
 
 import zoo
 from zoo import metrics
-from zoo.head_evidence import ALPHA_GRID, head_features, new_heads, reduce_features, refit
+from zoo.head_evidence import ALPHA_GRID, head_features, log_evidence, new_heads, reduce_features, refit
 
 VIEWS = 8
 SHIFT = 2
@@ -60,6 +65,23 @@ def scores(probs: Tensor, y: Tensor) -> dict[str, float]:
             "conf": float(probs.max(-1).values.mean())}
 
 
+def mixture(log_probs: list[Tensor], weights: list[float]) -> Tensor:
+    """Σₖ wₖ pₖ as probabilities, from per-α log-probabilities (weights normalised here)."""
+    w = torch.tensor(weights, dtype=torch.float64)
+    return torch.logsumexp(torch.stack(log_probs) + (w / w.sum()).log()[:, None, None], 0).exp()
+
+
+def mixtures(log_probs: list[Tensor], evidence: list[float], rule: int | None) -> dict[str, list[float]]:
+    """{mixture: weights over the grid (strongest α first)}; `rule` is the index of the rule's α."""
+    top = max(evidence)
+    out = {"evidence": [math.exp(e - top) for e in evidence]}
+    if rule is not None:
+        out["region"] = [float(i >= rule) for i in range(len(log_probs))]
+        out["rule + weaker"] = [float(rule <= i <= rule + 1) for i in range(len(log_probs))]
+        out["rule + stronger"] = [float(rule - 1 <= i <= rule) for i in range(len(log_probs))]
+    return out
+
+
 def run_seed(name: str, seed: int, shots: int) -> dict[str, Any]:
     up = upstream(name)
     train, x, y = downstream(shots, seed)
@@ -78,18 +100,24 @@ def run_seed(name: str, seed: int, shots: int) -> dict[str, Any]:
                                          "test": (x, y)}.items()}
     z, back = reduce_features(phi["train"])
     w_z = torch.zeros(len(torch.unique(y)), z.shape[1], dtype=torch.float64)
-    rows = []
+    rows, log_probs, evidence = [], [], []
     for m in sorted(ALPHA_GRID, reverse=True):  # strongest first, warm-started, as zoo.head_evidence does
         w_z = refit(z, y_train, lam * m, w_z)
         w = w_z @ back
         views = scores((phi["views"] @ w.T).softmax(-1), y_train.repeat(VIEWS))
-        rows.append({"multiplier": m, **scores((phi["test"] @ w.T).softmax(-1), y),
+        log_probs.append((phi["test"] @ w.T).log_softmax(-1))
+        evidence.append(log_evidence(z, y_train, w_z, lam * m))
+        rows.append({"multiplier": m, **scores(log_probs[-1].exp(), y),
                      **{f"views_{k}": v for k, v in views.items()}})
     with torch.no_grad():
         model.eval()
         default = scores(model(x).double().softmax(-1), y)
     default["multiplier"] = record["alpha"] / lam if record.get("refit") else None
-    return {"seed": seed, "rule": record.get("rule"), "default": default, "rows": rows,
+    chosen = None if default["multiplier"] is None else min(
+        range(len(rows)), key=lambda i: abs(math.log(rows[i]["multiplier"] / default["multiplier"])))
+    mixed = {label: scores(mixture(log_probs, weights), y)
+             for label, weights in mixtures(log_probs, evidence, chosen).items()}
+    return {"seed": seed, "rule": record.get("rule"), "default": default, "rows": rows, "mixtures": mixed,
             "oracle": min(rows, key=lambda r: r["nll"]), "views": min(rows, key=lambda r: r["views_nll"])}
 
 
@@ -122,6 +150,12 @@ def main() -> None:
     for label in ("oracle", "views"):
         print(f"{label} − default (paired, mean ± SE): " + ", ".join(
             f"{k} {mean([r[label][k] - r['default'][k] for r in results])}" for k in KEYS))
+    print("\nmixtures over α, seed means, then mixture − default (paired, mean ± SE):")
+    for label in results[0]["mixtures"]:
+        held = [r for r in results if label in r["mixtures"]]
+        print(f"{label}: " + " ".join(f"{k} {statistics.mean(r['mixtures'][label][k] for r in held):.3f}"
+                                      for k in KEYS) + "; " + ", ".join(
+            f"{k} {mean([r['mixtures'][label][k] - r['default'][k] for r in held])}" for k in KEYS))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 
