@@ -12,8 +12,8 @@ head's spread is pinned, so this is the default predictive), beside:
   calibration signal from outside the shots, measured here and not adopted (docs/benchmarks.md);
 - mixtures over α instead of one α (Bayesian model averaging over the head's precision): weighted by each α's
   Laplace evidence, uniform over the α the likelihood-ratio region admits, and the rule's α mixed with its
-  half-decade neighbours. Measured here and not adopted (docs/benchmarks.md, "One shot on this round.s machine, 15
-  precision").
+  half-decade neighbours. Measured here and not adopted (docs/benchmarks.md, "One shot on this round's machine,
+  15 seeds, and mixtures over the head's precision").
 
     python benchmarks/one_shot_head_scale.py --network resnet10t --seeds 15
 
