@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import math
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
-from digits_task import CLASSES, downstream, upstream_prior_dir
+from cli_support import cli
+from digits_task import CLASSES, downstream, save_image_folder, upstream_prior_dir
 from torch import nn
 
 import zoo
 from zoo import width
 from zoo.calibration import JOINT_LOGLIK_SLACK, TRAIN_LOGLIK_SLACK
+from zoo.errors import DataError
 from zoo.head_evidence import (
     ALPHA_GRID,
     EVIDENCE_MARGIN,
@@ -227,3 +231,116 @@ def test_one_shot_pins_the_new_heads_spread_and_certifies_the_pinned_q(monkeypat
     with warnings.catch_warnings():
         warnings.simplefilter("error", PinnedHeadWarning)  # a head at full width is not pinned: no warning
         assert pinned < 0.01 * head_spread(unpinned)
+
+
+def one_shot_head(seed: int, scale: float = 1.0) -> tuple[Net, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A confident, unregularised head on one point per class (likelihood-only fine-tuning leaves it so), and the
+    class centres the points were drawn around."""
+    torch.manual_seed(seed)
+    net = Net(3)
+    centres = torch.randn(3, 4) * scale
+    x, y = centres + 0.5 * torch.randn(3, 4), torch.tensor([0, 1, 2])
+    opt = torch.optim.Adam(net.head.parameters(), lr=0.1)
+    for _ in range(200):
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+    return net, x, y, centres
+
+
+def brute_head(phi: torch.Tensor, y: torch.Tensor, alpha: float) -> torch.Tensor:
+    """argmin Σ CE + ½α‖W‖² on the unreduced features, by L-BFGS (independent of zoo's Newton re-fit)."""
+    w = torch.zeros(3, phi.shape[1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w], lr=1.0, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-14,
+                            line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(phi @ w.T, y, reduction="sum") + 0.5 * alpha * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w.detach()
+
+
+def test_validation_images_set_an_unidentified_heads_scale() -> None:
+    """Where the evidence cannot choose (one point per class), enough labelled validation images choose the head's
+    scale: the α whose re-fit has the lowest validation NLL, checked against L-BFGS re-fits on the raw features.
+    Here they want a less shrunk head than the likelihood-ratio rule takes from the three shots alone."""
+    net, x, y, centres = one_shot_head(3, scale=2.0)
+    g = torch.Generator().manual_seed(0)
+    y_val = torch.arange(3).repeat(5)
+    x_val = centres[y_val] + 1.5 * torch.randn(15, 4, generator=g)
+    with torch.no_grad():
+        phi = torch.cat([torch.tanh(net.body(x)), torch.ones(3, 1)], 1).double()
+        phi_val = torch.cat([torch.tanh(net.body(x_val)), torch.ones(15, 1)], 1).double()
+    (by_rule,) = refit_new_heads(copy.deepcopy(net), head_prior(net, 1.0), [(x, y)], torch.device("cpu")).values()
+    (record,) = refit_new_heads(net, head_prior(net, 1.0), [(x, y)], torch.device("cpu"),
+                                validation=[(x_val[:7], y_val[:7]), (x_val[7:], y_val[7:])]).values()
+    assert record["refit"] is True and record["rule"] == "validation"
+    brute = [F.cross_entropy(phi_val @ brute_head(phi, y, row["alpha"]).T, y_val, reduction="sum").item()
+             for row in record["table"]]
+    for row, nll in zip(record["table"], brute, strict=True):
+        assert row["validation_nll_sum"] == pytest.approx(nll, rel=1e-6)  # L-BFGS at the weakest α: ~1e-7
+    assert record["alpha"] == record["table"][min(range(len(brute)), key=brute.__getitem__)]["alpha"]
+    assert record["alpha"] < by_rule["alpha"]  # the validation images changed the choice
+    # the head is still unidentified by the shots: its spread is pinned and Q's width gets what is left
+    assert width.unidentified_heads({"head": record}) == {"head": 1.0 / width.PINNED_HEAD_WIDTH}
+    assert record["loglik_given_up"] < by_rule["loglik_given_up"]  # a weaker head gives up less
+
+
+def test_too_few_validation_images_leave_the_likelihood_ratio_rule() -> None:
+    net, x, y, centres = one_shot_head(3, scale=2.0)
+    few = [(centres[:2] + 0.1, torch.tensor([0, 1]))] * 7  # 14 images, under 5 per class for 3 classes
+    (by_rule,) = refit_new_heads(copy.deepcopy(net), head_prior(net, 1.0), [(x, y)], torch.device("cpu")).values()
+    (record,) = refit_new_heads(net, head_prior(net, 1.0), [(x, y)], torch.device("cpu"), validation=few).values()
+    assert record["rule"] == "likelihood-ratio" and record["alpha"] == by_rule["alpha"]
+    assert "14 validation images" in record["validation_unused"]
+    with pytest.raises(DataError, match="validation labels must be class indices"):
+        refit_new_heads(net, head_prior(net, 1.0), [(x, y)], torch.device("cpu"),
+                        validation=[(x.repeat(5, 1), torch.tensor([0, 1, 3]).repeat(5))])
+    with pytest.raises(DataError, match="the validation loader yielded no batches"):
+        refit_new_heads(net, head_prior(net, 1.0), [(x, y)], torch.device("cpu"), validation=[])
+
+
+def test_finetune_sets_a_one_shot_heads_scale_on_its_val_loader() -> None:
+    """zoo.finetune passes `val_loader` to the re-fit: with five held-out images per class the one-shot head's α is
+    the grid's best on them, its spread stays pinned, and Q's width takes the rest of the joint region."""
+    train, x, y = downstream(1, 0)
+    per_class = torch.cat([torch.nonzero(y == c).flatten()[:5] for c in range(CLASSES)])
+    val = [(x[per_class], y[per_class])]
+    torch.manual_seed(0)
+    model, prior = zoo.load(upstream_prior_dir(), num_classes=CLASSES, reset_head=True)
+    post = zoo.finetune(model, prior, train, val_loader=val, epochs=3, progress=False,
+                        generator=torch.Generator().manual_seed(0))
+    (name, head), = post.meta["head_refit"]["heads"].items()
+    assert head["refit"] is True and head["rule"] == "validation"
+    best = min(head["table"], key=lambda r: r["validation_nll_sum"])
+    assert head["alpha"] == best["alpha"]
+    assert post.meta["width"]["pinned_heads"] == {name: width.PINNED_HEAD_WIDTH}
+    assert post.meta["width"]["selection"]["slack"] == pytest.approx(
+        max(JOINT_LOGLIK_SLACK - head["loglik_given_up"], 0.0))
+    with torch.no_grad():  # the network now carries that head: its validation NLL is the table's
+        logits = post.model(x[per_class]).double()
+    assert F.cross_entropy(logits, y[per_class], reduction="sum").item() == pytest.approx(
+        best["validation_nll_sum"], rel=1e-4)  # float32 weights
+
+
+def test_cli_finetune_scales_a_one_shot_head_on_val(tmp_path, capsys) -> None:
+    """`zoo finetune --val DIR`: held-out images with the same class folders reach zoo.finetune, set the one-shot
+    head's scale and are named in the note; mismatched class folders are a usage error, not a traceback."""
+    train, x, y = downstream(1, 3)
+    per_class = torch.cat([torch.nonzero(y == c).flatten()[:5] for c in range(CLASSES)])
+    save_image_folder(tmp_path / "data", *[torch.cat(t) for t in zip(*train, strict=True)], prefix="class")
+    save_image_folder(tmp_path / "val", x[per_class], y[per_class], prefix="class")
+    out = tmp_path / "run"
+    assert cli("finetune", str(upstream_prior_dir()), "--data", str(tmp_path / "data"), "--val", str(tmp_path / "val"),
+               "--out", str(out), "--epochs", "2", "--samples", "4") == 0
+    assert f"was scaled on the {5 * CLASSES} --val images" in capsys.readouterr().out
+    (head,) = json.loads((out / "prior_config.json").read_text())["head_refit"]["heads"].values()
+    assert head["rule"] == "validation"
+    save_image_folder(tmp_path / "other", x[per_class], y[per_class], prefix="digit")
+    assert cli("finetune", str(upstream_prior_dir()), "--data", str(tmp_path / "data"), "--val",
+               str(tmp_path / "other"), "--out", str(tmp_path / "x"), "--epochs", "1") == 2
+    assert "use the same class folder names" in capsys.readouterr().out

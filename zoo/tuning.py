@@ -171,7 +171,9 @@ def finetune(
     `refit_head` (default, with strength="marglik"): after training, each new head (an isotropic prior on a Linear)
     is re-fitted on the trained body's features at the prior precision its exact Laplace evidence prefers
     (zoo.head_evidence); where the evidence prefers no head at all, at the strongest precision the training data's
-    likelihood-ratio interval allows. Q is then built around that mean.
+    likelihood-ratio interval allows, or, given `val_loader` with at least 5 images per class on average, at the
+    precision whose re-fit predicts those images best (one shot per class cannot calibrate its own head; a few
+    held-out images can, zoo.head_evidence). Q is then built around that mean.
 
     `head_curvature="bohning"` (default) gives each new head Böhning's bound on the softmax curvature in place of
     K-FAC's output factor, for its κ, Q and the certificate (HEAD_CURVATURE_NOTE), so its spread grows away from
@@ -219,7 +221,7 @@ def finetune(
                                     marglik=marglik, n=n, nll0=nll0, delta=delta, epochs=epochs, lr=lr,
                                     patience=patience, device=device, progress=progress)
     refit = refit_head and marglik  # the head is re-fitted where κ, not the bound, carries the trade-off
-    head_record = refit_new_heads(model, prior, train_loader, device) if refit else {}
+    head_record = refit_new_heads(model, prior, train_loader, device, validation=val_loader) if refit else {}
     train_seconds = time.perf_counter() - t0
     blocks = kfac(model, train_loader, fisher, approx=approx, generator=gen, progress=progress)
     heads = new_classifier(model, prior) if head_curvature == "bohning" else []
@@ -368,9 +370,10 @@ HEAD_REFIT_NOTE = (
     "evidence (MAP re-fitted per α, α = λ·10^(k/2), k = −8…8); where no α's evidence beats the strongest α's by a "
     "Bayes factor of 3 (no evidence for any head, as at one shot per class), the strongest re-fit whose training "
     "log-likelihood stays within the joint region of the head and T (3.00 nats for one head, record['loglik_slack']) "
-    "with no training example lost, its spread then pinned (width['pinned_heads']); kept as trained at "
-    "the weakest edge. The mean is trained without a prior on the head, so a new head's logits are overconfident on"
-    " few-shot data; benchmarks/transfer.py measures what the re-fit does."
+    "with no training example lost, or, given val_loader with at least 5 images per class on average, the re-fit "
+    "with the lowest validation NLL (rule 'validation'); its spread then pinned (width['pinned_heads']); kept as "
+    "trained at the weakest edge. The mean is trained without a prior on the head, so a new head's logits are "
+    "overconfident on few-shot data; benchmarks/transfer.py measures what the re-fit does."
 )
 HEAD_CURVATURE_NOTE = (
     "Q's new heads use Böhning's bound ½(I − 11ᵀ/C) ⪰ diag(p) − ppᵀ as their output factor, with the data's input "

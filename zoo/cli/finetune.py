@@ -26,6 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("prior", metavar="PRIOR", help="a prior or posterior repository (local directory or hf-hub:...)")
     p.add_argument("--data", required=True, metavar="DIR", help="ImageFolder: one sub-folder of images per class")
     p.add_argument("--out", required=True, metavar="DIR", help="the run directory to write (replaced if it exists)")
+    p.add_argument("--val", default=None, metavar="DIR",
+                   help="labelled held-out images, an ImageFolder with the same class folders: training keeps the "
+                        "epoch of lowest NLL on them, and with at least 5 per class they set a new head's scale "
+                        "where the training images cannot (one shot per class)")
     p.add_argument("--objective", default="catoni", choices=("catoni", "mcallester", "map"))
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--lr", type=float, default=1e-3,
@@ -57,21 +61,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_finetune)
 
 
-def image_folder(root: str, transform: Any, shots: int | None, seed: int) -> Any:
+def image_folder(root: str, transform: Any, shots: int | None, seed: int, *, flag: str = "--data") -> Any:
     """The ImageFolder at `root`, optionally `shots` images per class (chosen by `seed`); ZooError when unusable."""
     import torch
     from torchvision.datasets import ImageFolder
 
     path = Path(root)
     if not path.is_dir():
-        raise DataError(f"--data {root} is not a directory; pass an ImageFolder (one sub-folder per class)")
+        raise DataError(f"{flag} {root} is not a directory; pass an ImageFolder (one sub-folder per class)")
     try:
         data = ImageFolder(str(path), transform=transform)
     except (FileNotFoundError, OSError) as err:
-        raise DataError(f"--data {root} holds no readable images ({err}); put images in one sub-folder per class"
+        raise DataError(f"{flag} {root} holds no readable images ({err}); put images in one sub-folder per class"
                         ) from err
     if len(data.classes) < 2:
-        raise DataError(f"--data {root} has {len(data.classes)} class folder(s); a classifier needs at least two")
+        raise DataError(f"{flag} {root} has {len(data.classes)} class folder(s); a classifier needs at least two")
     if shots is None:
         return data
     if shots < 1:
@@ -109,6 +113,16 @@ def _finetune(args: argparse.Namespace) -> int:
     g = torch.Generator().manual_seed(args.seed)
     loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, shuffle=True, generator=g)
     fixed = torch.utils.data.DataLoader(data, batch_size=args.batch_size, shuffle=False)
+    val_loader = None
+    if args.val is not None:
+        if args.certificate == "data-dependent":
+            raise ConfigError("--val works with --certificate training; the data-dependent certificate holds out "
+                              "part of --data itself")
+        held = image_folder(args.val, transform, None, args.seed, flag="--val")
+        if held.classes != classes:
+            raise DataError(f"--val {args.val} has class folders {held.classes}, --data has {classes}; use the same "
+                            "class folder names in both")
+        val_loader = torch.utils.data.DataLoader(held, batch_size=args.batch_size, shuffle=False)
     norms = {} if args.norm_statistics is None else {"norm_statistics": args.norm_statistics}  # else each path's own
     if args.certificate == "data-dependent":
         if args.objective == "map":
@@ -122,7 +136,8 @@ def _finetune(args: argparse.Namespace) -> int:
     else:
         posterior = finetune(model, prior, loader, args.objective, epochs=args.epochs, lr=args.lr, delta=args.delta,
                              generator=torch.Generator().manual_seed(args.seed), dataset=str(args.data),
-                             prior_ref=str(args.prior), head_curvature=args.head_curvature, **norms)
+                             prior_ref=str(args.prior), head_curvature=args.head_curvature, val_loader=val_loader,
+                             **norms)
         cert = posterior.certificate(fixed, delta=args.delta, samples=args.samples,
                                      generator=torch.Generator().manual_seed(args.seed + 1), progress=True)
     posterior.meta["classes"] = list(classes)
@@ -146,9 +161,14 @@ def _finetune(args: argparse.Namespace) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     print(cert)
+    refits = (posterior.meta.get("head_refit") or {}).get("heads") or {}
     for head in pinned_heads(posterior):
-        print(f"note: the new head {head!r} could not be scaled from {len(data)} training images (as at one image per "
-              "class): its shrinkage tempers the predictions and its spread is pinned, so the epistemic uncertainty "
-              "comes from the body; predict with mode='glm' (zoo serve --mode glm), since 'fast' reads only the head")
+        scaled = (f"was scaled on the {len(val_loader.dataset)} --val images"
+                  if val_loader is not None and refits.get(head, {}).get("rule") == "validation"
+                  else f"could not be scaled from {len(data)} training images (as at one image per class; --val with "
+                       "5 or more held-out images per class can scale it)")
+        print(f"note: the new head {head!r} {scaled}: its shrinkage tempers the predictions and its spread is pinned, "
+              "so the epistemic uncertainty comes from the body; predict with mode='glm' (zoo serve --mode glm), "
+              "since 'fast' reads only the head")
     print(f"posterior written to {out}")
     return 0
