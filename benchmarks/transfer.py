@@ -28,8 +28,8 @@ Columns: accuracy, NLL (nats), ECE (15 bins), Brier, OOD AUROC by predictive ent
 laplace-torch row includes its MAP fine-tune; predict time covers test and OOD images. Mean ± std over seeds.
 
 With `--validation K`, K images per class are drawn from the test pool (seeded) and removed from it, as a user's
-labelled held-out set: our rows pass them to zoo.finetune as `val_loader` (which keeps the epoch of lowest
-validation NLL and sets a one-shot head's scale on them), and a third MAP row picks wd by their NLL. The targets
+labelled held-out set: our rows pass them to zoo.finetune as `val_loader` (which sets a one-shot head's scale
+on them; no early stopping, as by default), and a third MAP row picks wd by their NLL. The targets
 then also check ours against that row, the fair comparison for a user who has such images.
 
 Run: .venv/bin/python benchmarks/transfer.py [--seeds 5] [--first-seed 0] [--shots 1 5 20]

@@ -335,3 +335,18 @@ def test_a_validation_loader_stops_early_and_keeps_the_best_epochs_weights(prior
         nll = sum(torch.nn.functional.cross_entropy(post.model(x), y, reduction="sum").item() for x, y in val) / 16
     assert nll == pytest.approx(scores[best], rel=1e-5)  # the model holds the best epoch's weights
     assert nll < scores[-1]
+
+
+def test_a_validation_loader_without_patience_trains_every_epoch(prior_and_model) -> None:
+    """Early stopping is opt-in: without `patience`, val_loader is scored every epoch and the last weights stay
+    (the same run as above stopped after a few of 40 epochs)."""
+    prior, base = prior_and_model
+    val = data(7, 16)
+    post = finetune(_copy(base), prior, data(5, 8), val_loader=val, epochs=12, lr=0.3, progress=False,
+                    width="laplace", generator=torch.Generator().manual_seed(0))
+    record = post.meta["finetune"]
+    assert len(record["history"]) == 12 and record["best_epoch"] is None and record["patience"] is None
+    scores = [h["val_nll"] for h in record["history"]]
+    with torch.no_grad():
+        nll = sum(torch.nn.functional.cross_entropy(post.model(x), y, reduction="sum").item() for x, y in val) / 16
+    assert nll == pytest.approx(scores[-1], rel=1e-5) and min(scores) < scores[-1]  # not the best epoch's

@@ -125,7 +125,7 @@ def finetune(
     epochs: int = 30,
     lr: float = 3e-3,
     val_loader: Iterable[Any] | None = None,
-    patience: int = 5,
+    patience: int | None = None,
     delta: float = 0.05,
     generator: torch.Generator | None = None,
     progress: bool = True,
@@ -146,9 +146,14 @@ def finetune(
 
     `objective` is "catoni", "mcallester" or "map": the bound (or MAP objective) the mean is trained on. Adam
     with `lr` runs `epochs` epochs (default 3e-3: 1e-2 is chaotic on few-shot fine-tunes, the same 100 digits
-    gave 0.27–0.91 held-out accuracy over head initialisations, 0.89–0.96 at 3e-3); with `val_loader` it stops
-    after `patience` epochs without a lower validation NLL and keeps the best weights. `generator` seeds
-    everything random here (the MC Fisher's labels, any stochastic layers); the loader's shuffling is its own.
+    gave 0.27–0.91 held-out accuracy over head initialisations, 0.89–0.96 at 3e-3). `val_loader` (labelled
+    held-out batches) is scored every epoch (`meta["finetune"]["history"]`) and sets a new head's scale where its
+    evidence cannot (`refit_head` below); with `patience` set, training also stops after `patience` epochs without
+    a lower validation NLL and keeps the best weights. Early stopping is off by default: the trained head's
+    validation NLL, before its re-fit, rewards the epochs where that head is least overconfident, not the body's
+    progress (at one shot on efficientnet_gn, 15 seeds, paired: accuracy −0.015 ± 0.016, NLL +0.031 ± 0.033, OOD
+    AUROC by mutual information −0.141 ± 0.037). `generator` seeds everything random here (the MC Fisher's
+    labels, any stochastic layers); the loader's shuffling is its own.
 
     `strength="marglik"` (default) serves prediction: Q is built against κP, one κ for the pretrained body and
     one for a new head, each chosen on `zoo.marglik.STRENGTH_GRID` by the Laplace evidence of the training data
@@ -314,10 +319,10 @@ def finetune(
 def _train_mean(
     model: nn.Module, params: list[Tensor], train_loader: Iterable[Any], val_loader: Iterable[Any] | None,
     active: Prior | ReferencePenalty | None, *, objective: str, marglik: bool, n: int, nll0: float, delta: float,
-    epochs: int, lr: float, patience: int, device: torch.device, progress: bool,
+    epochs: int, lr: float, patience: int | None, device: torch.device, progress: bool,
 ) -> tuple[list[dict[str, float]], tuple[float, int, list[Tensor]] | None]:
-    """Adam on the training objective for `epochs` (early-stopped on `val_loader`): the per-epoch record and the best
-    validation state, whose weights are already back in the model."""
+    """Adam on the training objective for `epochs`, early-stopped on `val_loader` when `patience` is set: the
+    per-epoch record and the best validation state, whose weights are already back in the model."""
     train_objective = "map" if marglik else objective  # under marglik the trade-off is κ's, not the bound's
     half_quad = 0.0 if active is None else (0.5 * active.quadratic(model)).item()
     c = _choose_c(nll0 / LN2, half_quad, n, delta, 1.0) if objective == "catoni" and not marglik else LN2
@@ -352,7 +357,7 @@ def _train_mean(
         if val_loader is not None:
             val_nll = _mean_nll(model, val_loader, device)
             record["val_nll"] = val_nll
-            if best is None or val_nll < best[0]:
+            if patience is not None and (best is None or val_nll < best[0]):
                 best = (val_nll, epoch, [p.detach().clone() for p in params])
         history.append(record)
         bar.set_postfix(shown)

@@ -27,9 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, metavar="DIR", help="ImageFolder: one sub-folder of images per class")
     p.add_argument("--out", required=True, metavar="DIR", help="the run directory to write (replaced if it exists)")
     p.add_argument("--val", default=None, metavar="DIR",
-                   help="labelled held-out images, an ImageFolder with the same class folders: training keeps the "
-                        "epoch of lowest NLL on them, and with at least 5 per class they set a new head's scale "
-                        "where the training images cannot (one shot per class)")
+                   help="labelled held-out images, an ImageFolder with the same class folders: their NLL is "
+                        "recorded every epoch, and with at least 5 per class they set a new head's scale where the "
+                        "training images cannot (one shot per class)")
     p.add_argument("--objective", default="catoni", choices=("catoni", "mcallester", "map"))
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--lr", type=float, default=1e-3,
