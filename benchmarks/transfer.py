@@ -198,8 +198,7 @@ def run_map(up: Upstream, train: Batches, x: Tensor, y: Tensor, seed: int, epoch
                 note=f"wd={chosen[0]:g} ({CV_FOLDS}-fold CV NLL; folds' fits counted in fit s)")
     by_val = None
     if val is not None:
-        val_nll = [-softmax_predict(model, val[0][0])[1].gather(1, val[0][1][:, None]).mean().item()
-                   for _, model, _ in fits]
+        val_nll = [metrics.nll(softmax_predict(model, val[0][0])[1], val[0][1], from_log=True) for _, model, _ in fits]
         wd, _, result = fits[min(range(len(fits)), key=val_nll.__getitem__)]
         by_val = dict(result, note=f"wd={wd:g} (NLL on {val[0][1].numel()} validation images)")
     return oracle[1], oracle[2], fair, by_val

@@ -185,8 +185,7 @@ def refit_new_heads(model: nn.Module, prior: Prior, loader: Iterable[Any], devic
             records[name] = {"refit": False, "reason": f"over {EXACT_LIMIT} dimensions for the exact evidence; "
                              "the trained head is kept"}
             continue
-        if int(y.min()) < 0 or int(y.max()) >= classes:
-            raise DataError(f"labels must be class indices in [0, {classes}) to re-fit the head {name!r}")
+        _check_labels(y, classes, f"labels must be class indices in [0, {classes}) to re-fit the head {name!r}")
         z, back = reduce_features(phi)
         table = []
         w_z = torch.zeros(classes, z.shape[1], dtype=torch.float64)
@@ -234,12 +233,17 @@ def _too_few_for_validation(y: Tensor | None, classes: int) -> str | None:
     """Why validation labels cannot set a head's scale (None: they can)."""
     if y is None:
         return "no validation data"
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= classes):
-        raise DataError(f"validation labels must be class indices in [0, {classes}), like the training labels")
+    _check_labels(y, classes, f"validation labels must be class indices in [0, {classes}), like the training labels")
     if y.numel() < VALIDATION_PER_CLASS * classes:
         return (f"{y.numel()} validation images, fewer than {VALIDATION_PER_CLASS} per class on average "
                 f"({VALIDATION_PER_CLASS * classes}): too few to choose the head's scale on")
     return None
+
+
+def _check_labels(y: Tensor, classes: int, message: str) -> None:
+    """DataError(message) unless every label is a class index in [0, classes)."""
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= classes):
+        raise DataError(message)
 
 
 def _best_on_validation(table: list[dict[str, Any]], back: Tensor, phi: Tensor, y: Tensor,

@@ -34,7 +34,7 @@ from zoo import __version__
 from zoo.calibration import WIDTH_GRID, select_width
 from zoo.curvature import kfac
 from zoo.errors import ConfigError, DataError, NumericalError
-from zoo.head_evidence import refit_new_heads
+from zoo.head_evidence import VALIDATION_PER_CLASS, refit_new_heads
 from zoo.kron import KronPrecision
 from zoo.kron.exact import EIGH_FALLBACKS
 from zoo.layers import DiagLayer, IsoLayer, KronLayer, Layer
@@ -176,7 +176,8 @@ def finetune(
     `refit_head` (default, with strength="marglik"): after training, each new head (an isotropic prior on a Linear)
     is re-fitted on the trained body's features at the prior precision its exact Laplace evidence prefers
     (zoo.head_evidence); where the evidence prefers no head at all, at the strongest precision the training data's
-    likelihood-ratio interval allows, or, given `val_loader` with at least 5 images per class on average, at the
+    likelihood-ratio interval allows, or, given `val_loader` with at least VALIDATION_PER_CLASS images per class
+    (zoo.head_evidence: 5) on average, at the
     precision whose re-fit predicts those images best (one shot per class cannot calibrate its own head; a few
     held-out images can, zoo.head_evidence). Q is then built around that mean.
 
@@ -375,7 +376,8 @@ HEAD_REFIT_NOTE = (
     "evidence (MAP re-fitted per α, α = λ·10^(k/2), k = −8…8); where no α's evidence beats the strongest α's by a "
     "Bayes factor of 3 (no evidence for any head, as at one shot per class), the strongest re-fit whose training "
     "log-likelihood stays within the joint region of the head and T (3.00 nats for one head, record['loglik_slack']) "
-    "with no training example lost, or, given val_loader with at least 5 images per class on average, the re-fit "
+    "with no training example lost, or, given val_loader with at least "
+    f"{VALIDATION_PER_CLASS} images per class on average, the re-fit "
     "with the lowest validation NLL (rule 'validation'); its spread then pinned (width['pinned_heads']); kept as "
     "trained at the weakest edge. The mean is trained without a prior on the head, so a new head's logits are "
     "overconfident on few-shot data; benchmarks/transfer.py measures what the re-fit does."

@@ -95,6 +95,7 @@ def _finetune(args: argparse.Namespace) -> int:
 
     import zoo
     from zoo.certified import certify_data_dependent
+    from zoo.head_evidence import VALIDATION_PER_CLASS
     from zoo.predictive import pinned_heads
     from zoo.tuning import finetune
 
@@ -166,7 +167,7 @@ def _finetune(args: argparse.Namespace) -> int:
         scaled = (f"was scaled on the {len(val_loader.dataset)} --val images"
                   if val_loader is not None and refits.get(head, {}).get("rule") == "validation"
                   else f"could not be scaled from {len(data)} training images (as at one image per class; --val with "
-                       "5 or more held-out images per class can scale it)")
+                       f"{VALIDATION_PER_CLASS} or more held-out images per class can scale it)")
         print(f"note: the new head {head!r} {scaled}: its shrinkage tempers the predictions and its spread is pinned, "
               "so the epistemic uncertainty comes from the body; predict with mode='glm' (zoo serve --mode glm), "
               "since 'fast' reads only the head")
