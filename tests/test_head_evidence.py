@@ -12,11 +12,16 @@ import torch
 import torch.nn.functional as F
 from cli_support import cli
 from digits_task import CLASSES, downstream, save_image_folder, upstream_prior_dir
-from torch import nn
+from torch import Tensor, nn
 
 import zoo
 from zoo import width
-from zoo.calibration import JOINT_LOGLIK_SLACK, TRAIN_LOGLIK_SLACK
+from zoo.calibration import (
+    JOINT_LOGLIK_SLACK,
+    TRAIN_LOGLIK_SLACK,
+    VALIDATION_PER_CLASS,
+    VALIDATION_WIDTH_PER_CLASS,
+)
 from zoo.errors import DataError
 from zoo.head_evidence import (
     ALPHA_GRID,
@@ -306,38 +311,60 @@ def test_too_few_validation_images_leave_the_likelihood_ratio_rule() -> None:
 
 def test_finetune_sets_a_one_shot_heads_scale_on_its_val_loader() -> None:
     """zoo.finetune passes `val_loader` to the re-fit: with five held-out images per class the one-shot head's α is
-    the grid's best on them, its spread stays pinned, and Q's width takes the rest of the joint region."""
+    the grid's best on them, its spread stays pinned, and Q's width takes the rest of the joint region (too few
+    images to choose T on, and the record says so); with twenty per class T is the one whose predictive is best
+    on them (every body layer's τ); with fewer than five both fall back to the training data's rules."""
     train, x, y = downstream(1, 0)
-    per_class = torch.cat([torch.nonzero(y == c).flatten()[:5] for c in range(CLASSES)])
-    val = [(x[per_class], y[per_class])]
-    torch.manual_seed(0)
-    model, prior = zoo.load(upstream_prior_dir(), num_classes=CLASSES, reset_head=True)
-    post = zoo.finetune(model, prior, train, val_loader=val, epochs=3, progress=False,
-                        generator=torch.Generator().manual_seed(0))
-    (name, head), = post.meta["head_refit"]["heads"].items()
+
+    def fit(per_class: int, step: int = 1) -> tuple[zoo.Posterior, str, dict, dict, Tensor]:
+        chosen = torch.cat([torch.nonzero(y == c).flatten()[:per_class] for c in range(CLASSES)])[::step]
+        torch.manual_seed(0)
+        model, prior = zoo.load(upstream_prior_dir(), num_classes=CLASSES, reset_head=True)
+        post = zoo.finetune(model, prior, train, val_loader=[(x[chosen], y[chosen])], epochs=3, progress=False,
+                            generator=torch.Generator().manual_seed(0))
+        (name, head), = post.meta["head_refit"]["heads"].items()
+        return post, name, head, post.meta["width"]["selection"], chosen
+
+    post, name, head, selection, per_class = fit(VALIDATION_PER_CLASS)
     assert head["refit"] is True and head["rule"] == "validation"
     best = min(head["table"], key=lambda r: r["validation_nll_sum"])
     assert head["alpha"] == best["alpha"]
     assert post.meta["width"]["pinned_heads"] == {name: width.PINNED_HEAD_WIDTH}
-    assert post.meta["width"]["selection"]["slack"] == pytest.approx(
-        max(JOINT_LOGLIK_SLACK - head["loglik_given_up"], 0.0))
+    assert selection["rule"] == "training likelihood" and "25 validation images" in selection["validation_unused"]
+    assert selection["slack"] == pytest.approx(max(JOINT_LOGLIK_SLACK - head["loglik_given_up"], 0.0))
     with torch.no_grad():  # the network now carries that head: its validation NLL is the table's
         logits = post.model(x[per_class]).double()
     assert F.cross_entropy(logits, y[per_class], reduction="sum").item() == pytest.approx(
         best["validation_nll_sum"], rel=1e-4)  # float32 weights
 
+    post, name, head, selection, _ = fit(VALIDATION_WIDTH_PER_CLASS)
+    assert head["rule"] == "validation" and selection["rule"] == "validation"
+    assert selection["n"] == VALIDATION_WIDTH_PER_CLASS * CLASSES and "validation_unused" not in selection
+    assert selection["T"] == min(selection["grid"], key=lambda r: r["nll"])["T"]
+    assert {s["tau"] for layer, s in post.meta["scales"].items() if not layer.startswith(name)} == {selection["T"]}
+
+    post, name, head, selection, _ = fit(VALIDATION_PER_CLASS, step=2)  # 13 images, 3 or 2 per class
+    assert head["rule"] == "likelihood-ratio" and "13 validation images" in head["validation_unused"]
+    assert selection["rule"] == "training likelihood" and "13 validation images" in selection["validation_unused"]
+    assert selection["slack"] == pytest.approx(max(JOINT_LOGLIK_SLACK - head["loglik_given_up"], 0.0))
+
 
 def test_cli_finetune_scales_a_one_shot_head_on_val(tmp_path, capsys) -> None:
     """`zoo finetune --val DIR`: held-out images with the same class folders reach zoo.finetune, set the one-shot
-    head's scale and are named in the note; mismatched class folders are a usage error, not a traceback."""
+    head's scale and, at 20 per class, Q's width, each named in a note; mismatched class folders are a usage
+    error, not a traceback."""
     train, x, y = downstream(1, 3)
-    per_class = torch.cat([torch.nonzero(y == c).flatten()[:5] for c in range(CLASSES)])
+    per_class = torch.cat([torch.nonzero(y == c).flatten()[:VALIDATION_WIDTH_PER_CLASS] for c in range(CLASSES)])
     save_image_folder(tmp_path / "data", *[torch.cat(t) for t in zip(*train, strict=True)], prefix="class")
     save_image_folder(tmp_path / "val", x[per_class], y[per_class], prefix="class")
     out = tmp_path / "run"
     assert cli("finetune", str(upstream_prior_dir()), "--data", str(tmp_path / "data"), "--val", str(tmp_path / "val"),
                "--out", str(out), "--epochs", "2", "--samples", "4") == 0
-    assert f"was scaled on the {5 * CLASSES} --val images" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    n = VALIDATION_WIDTH_PER_CLASS * CLASSES
+    assert f"was scaled on the {n} --val images" in printed
+    chosen = json.loads((out / "prior_config.json").read_text())["width"]["selection"]
+    assert chosen["rule"] == "validation" and f"width T = {chosen['T']:g} was chosen on the {n} --val images" in printed
     (head,) = json.loads((out / "prior_config.json").read_text())["head_refit"]["heads"].values()
     assert head["rule"] == "validation"
     save_image_folder(tmp_path / "other", x[per_class], y[per_class], prefix="digit")

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from dense_reference import dense_covariance, jacobian
 from torch import Tensor, nn
-from torch.func import functional_call, jacrev
+from torch.func import functional_call
 
 import zoo
 from zoo import ConfigError, DataError
-from zoo.layers import KronLayer
 from zoo.predictive import MODES, Predictor, summarise
 
 torch.set_default_dtype(torch.float32)
@@ -30,46 +30,11 @@ def mlp() -> tuple[nn.Module, zoo.Prior, Tensor]:
     return _mlp()
 
 
-def _dense_covariance(prior: zoo.Prior, names: list[str]) -> Tensor:
-    """Block-diagonal covariance over the flattened parameters in `names` order (dense inverse of each block)."""
-    blocks = []
-    for module in ("0", "2"):
-        layer = prior.layers[module]
-        assert isinstance(layer, KronLayer)
-        cov_vec = torch.linalg.inv(layer.precision.dense())  # over vec([W | b]), columns stacked
-        out, inn = layer.precision.shape
-        # map vec([W|b]) (column-major) to [W row-major, b] as flattened by named_parameters
-        perm = []
-        for o in range(out):
-            perm.extend(i * out + o for i in range(inn - 1))
-        perm.extend((inn - 1) * out + o for o in range(out))
-        idx = torch.tensor(perm)
-        blocks.append(cov_vec[idx][:, idx])
-    assert names == ["0.weight", "0.bias", "2.weight", "2.bias"]
-    return torch.block_diag(*blocks)
-
-
-def _jacobian(model: nn.Module, x: Tensor) -> tuple[Tensor, list[str]]:
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    names = list(params)
-
-    def f(flat: Tensor) -> Tensor:
-        pieces, start = {}, 0
-        for k in names:
-            n = params[k].numel()
-            pieces[k] = flat[start:start + n].reshape(params[k].shape)
-            start += n
-        return functional_call(model, pieces, (x,))
-
-    flat = torch.cat([params[k].reshape(-1) for k in names])
-    return jacrev(f)(flat), names  # (N, C, d)
-
-
 def test_glm_deviations_are_the_jacobian_times_the_draw(mlp) -> None:
     model, prior, x = mlp
     predictor = Predictor(prior, mode="glm", samples=5, seed=3)
     mean, dev = predictor.linear_parts(x)
-    jac, names = _jacobian(model, x)
+    jac, names = jacobian(model, x)
     assert torch.allclose(mean, model(x), atol=1e-12)
     for s, tangent in enumerate(predictor._draws):
         step = torch.cat([tangent[k].reshape(-1) for k in names])
@@ -93,8 +58,8 @@ def test_glm_tangents_are_the_weight_draws_minus_the_network() -> None:
 
 def test_glm_covariance_matches_jacobian_times_dense_covariance(mlp) -> None:
     model, prior, x = mlp
-    jac, names = _jacobian(model, x[:2])
-    sigma = _dense_covariance(prior, names)
+    jac, names = jacobian(model, x[:2])
+    sigma = dense_covariance(prior, names)
     expected = jac[0] @ sigma @ jac[0].T  # the first input's logit covariance
     _, dev = Predictor(prior, mode="glm", samples=2000, seed=1).linear_parts(x[:2])
     got = torch.cov(dev[:, 0, :].T)

@@ -167,6 +167,27 @@ def _widest_tie(rows: list[dict[str, Any]], reference: Mapping[str, float]) -> t
 
 WIDTH_GRID: tuple[float, ...] = (1.0, 0.3, 0.1, 0.03, 0.01, 3e-3, 1e-3, 3e-4, 1e-4, 1e-5, 1e-6)
 """Covariance multipliers T for a posterior's width, widest first."""
+VALIDATION_WIDTH_GRID: tuple[float, ...] = (30.0, 10.0, 3.0, *WIDTH_GRID)
+"""T's grid where held-out images choose it: up to 30× the Laplace posterior's covariance in the directions the
+data saw (the body's floor keeps Q within the prior elsewhere, zoo.width). The training likelihood cannot judge
+T > 1 (it only rejects), held-out images can: on efficientnet_gn at 5 and 20 shots T = 3–10 lowered the
+predictive's test NLL by 0.03, on resnet10t at 5 shots it raised it by 0.015 (docs/benchmarks.md)."""
+VALIDATION_PER_CLASS = 5
+"""Validation images per class (on average) below which their NLL is too noisy to set a new head's scale: with 2
+per class that choice cost efficientnet_gn 0.021 nats at one shot (zoo.head_evidence)."""
+VALIDATION_WIDTH_PER_CLASS = 20
+"""Validation images per class (on average) below which their NLL is too noisy to choose Q's width T. T moves the
+predictive far less than a one-shot head's scale does: on benchmarks/transfer.py at 5 and 20 shots (5 seeds, both
+networks) the choice on 5 per class moved NLL by −0.019 to +0.003 with signs that differ between cells, on 20 per
+class it lowered NLL and ECE in every cell (docs/benchmarks.md)."""
+
+
+def validation_shortfall(images: int, classes: int, per_class: int = VALIDATION_PER_CLASS) -> str | None:
+    """Why `images` labelled validation images of `classes` classes are too few to choose on (None: enough)."""
+    if images < per_class * classes:
+        return (f"{images} validation images, fewer than {per_class} per class on average "
+                f"({per_class * classes}): too few to choose on")
+    return None
 TRAIN_LOGLIK_SLACK = 1.92
 """How far (nats, summed over the training set) the predictive may lower the training data's log-likelihood below
 the trained network's: ½·χ²₁(0.95) = 1.92, Wilks' 95% likelihood-ratio interval for the one parameter T."""
@@ -185,6 +206,41 @@ def joint_slack(parameters: int) -> float:
     from scipy.stats import chi2
 
     return 0.5 * float(chi2.ppf(0.95, parameters))
+
+
+def select_width_on_validation(
+    gaussian: Prior,
+    batches: Iterable[Any],
+    *,
+    mode: str,
+    samples: int,
+    generator: torch.Generator,
+    grid: Sequence[float] = VALIDATION_WIDTH_GRID,
+) -> tuple[float | None, dict[str, Any]]:
+    """The T whose predictive has the lowest NLL on labelled held-out `batches`; None where they hold fewer than
+    VALIDATION_WIDTH_PER_CLASS images per class (the record's `unused` says so; the caller keeps the training rule).
+
+    The training data can only reject a width (select_width); held-out images measure the predictive itself, so
+    they may also widen Q past its Laplace covariance, as laplace-torch's grid search of the prior precision on a
+    validation set does. Q may depend on any data, so this costs the certificate nothing."""
+    y, mean, deviations = _linear_parts(gaussian, batches, mode, samples, generator,
+                                        "the validation loader yielded no batches to choose Q's width on; pass "
+                                        "labelled held-out images, or val_loader=None")
+    classes = mean.shape[-1]
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= classes):
+        raise DataError(f"validation labels must be class indices in [0, {classes}), like the training labels")
+    shortfall = validation_shortfall(int(y.numel()), classes, VALIDATION_WIDTH_PER_CLASS)
+    if shortfall is not None:
+        return None, {"rule": "validation", "unused": shortfall}
+    rows, losses = [], []
+    for width in grid:
+        probs = predictive_probs(mean, deviations, 1.0 / width)
+        rows.append({"T": float(width), **_scores(probs, y)})
+        losses.append(metrics.nll_per_example(probs, y))
+    best = lowest_with_gaps(rows, losses, range(len(rows)))
+    return rows[best]["T"], {"rule": "validation", "mode": mode, "samples": samples, "n": int(y.shape[0]),
+                             "network": _scores(torch.softmax(mean.double(), dim=-1), y), "T": rows[best]["T"],
+                             "met": True, "grid": rows}
 
 
 def select_width(
@@ -225,5 +281,5 @@ def select_width(
         rows.append(row)
     feasible = [r for r in rows if r["meets"]]
     chosen = max(feasible, key=lambda r: r["T"]) if feasible else min(rows, key=lambda r: r["T"])
-    return chosen["T"], {"mode": mode, "samples": samples, "n": int(y.shape[0]), "network": reference,
-                         "slack": slack, "T": chosen["T"], "met": bool(feasible), "grid": rows}
+    return chosen["T"], {"rule": "training likelihood", "mode": mode, "samples": samples, "n": int(y.shape[0]),
+                         "network": reference, "slack": slack, "T": chosen["T"], "met": bool(feasible), "grid": rows}

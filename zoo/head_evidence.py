@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from zoo.calibration import joint_slack
+from zoo.calibration import joint_slack, validation_shortfall
 from zoo.errors import DataError, NumericalError
 from zoo.layers import IsoLayer
 from zoo.prior import Prior
@@ -42,9 +42,6 @@ ALPHA_GRID: tuple[float, ...] = tuple(10.0 ** (k / 2) for k in range(-8, 9))
 EVIDENCE_MARGIN = math.log(3.0)
 """A Bayes factor under 3 is "not worth more than a bare mention" (Kass & Raftery 1995): a head whose evidence
 beats the strongest α's by less is no evidence for a head, and the likelihood-ratio rule sets its scale."""
-VALIDATION_PER_CLASS = 5
-"""Validation images per class (on average) below which their NLL is too noisy to set a head's scale: with 2 per
-class the choice cost efficientnet_gn 0.021 nats at one shot (module docstring); the likelihood-ratio rule applies."""
 EXACT_LIMIT = 500
 """The re-fit and the evidence work with exact Hessians in C·min(N, D) dimensions; above this (e.g. more than 50
 images of 10 classes) the trained head is kept, where a few-shot head's overconfidence matters less."""
@@ -234,10 +231,7 @@ def _too_few_for_validation(y: Tensor | None, classes: int) -> str | None:
     if y is None:
         return "no validation data"
     _check_labels(y, classes, f"validation labels must be class indices in [0, {classes}), like the training labels")
-    if y.numel() < VALIDATION_PER_CLASS * classes:
-        return (f"{y.numel()} validation images, fewer than {VALIDATION_PER_CLASS} per class on average "
-                f"({VALIDATION_PER_CLASS * classes}): too few to choose the head's scale on")
-    return None
+    return validation_shortfall(int(y.numel()), classes)
 
 
 def _check_labels(y: Tensor, classes: int, message: str) -> None:

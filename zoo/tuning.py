@@ -31,10 +31,16 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from zoo import __version__
-from zoo.calibration import WIDTH_GRID, select_width
+from zoo.calibration import (
+    VALIDATION_PER_CLASS,
+    VALIDATION_WIDTH_GRID,
+    WIDTH_GRID,
+    select_width,
+    select_width_on_validation,
+)
 from zoo.curvature import kfac
 from zoo.errors import ConfigError, DataError, NumericalError
-from zoo.head_evidence import VALIDATION_PER_CLASS, refit_new_heads
+from zoo.head_evidence import refit_new_heads
 from zoo.kron import KronPrecision
 from zoo.kron.exact import EIGH_FALLBACKS
 from zoo.layers import DiagLayer, IsoLayer, KronLayer, Layer
@@ -179,7 +185,10 @@ def finetune(
     likelihood-ratio interval allows, or, given `val_loader` with at least VALIDATION_PER_CLASS images per class
     (zoo.head_evidence: 5) on average, at the
     precision whose re-fit predicts those images best (one shot per class cannot calibrate its own head; a few
-    held-out images can, zoo.head_evidence). Q is then built around that mean.
+    held-out images can, zoo.head_evidence). Q is then built around that mean. With at least
+    VALIDATION_WIDTH_PER_CLASS (20) images per class, `val_loader` also chooses Q's width T, at every shot count:
+    the T on calibration.VALIDATION_WIDTH_GRID (which reaches past the Laplace covariance, to 30×) whose predictive
+    has the lowest NLL on it, instead of the widest T the training data do not reject.
 
     `head_curvature="bohning"` (default) gives each new head Böhning's bound on the softmax curvature in place of
     K-FAC's output factor, for its κ, Q and the certificate (HEAD_CURVATURE_NOTE), so its spread grows away from
@@ -264,15 +273,26 @@ def finetune(
 
         def widest(candidate: dict[str, Layer], grid: Sequence[float]) -> tuple[Posterior, float, dict[str, Any]]:
             q = Posterior(mean, candidate, {}, model=model, prior=reference).scaled(pinned)
+            unused = None
+            if val_loader is not None:  # held-out images measure the predictive; the training data only reject
+                t, record = select_width_on_validation(q, val_loader, mode=check_mode(None),
+                                                       samples=selection_samples * 2, grid=grid,
+                                                       generator=torch.Generator().manual_seed(seed + 3))
+                if t is not None:
+                    return q, t, record
+                unused = record["unused"]
             t, record = select_width(q, train_loader, mode=check_mode(None), samples=selection_samples * 2,
                                      generator=torch.Generator().manual_seed(seed + 2), spans=spans,
-                                     slack=width_slack(head_record), grid=grid)
+                                     slack=width_slack(head_record), grid=[w for w in grid if w <= WIDTH_GRID[0]])
+            if unused is not None:
+                record["validation_unused"] = unused
             return q, t, record
 
-        laplace, temperature, width_record = widest(laplace_layers, WIDTH_GRID)
+        grid = VALIDATION_WIDTH_GRID if val_loader is not None else WIDTH_GRID
+        laplace, temperature, width_record = widest(laplace_layers, grid)
         lowered = body_floor(by_layer, groups, temperature)
         if BODY_FLOOR_FOLLOWS_WIDTH and lowered != floor:  # choose T again, at or below the first choice
-            again, t, second = widest(pieces.laplace_layers(lowered), [w for w in WIDTH_GRID if w <= temperature])
+            again, t, second = widest(pieces.laplace_layers(lowered), [w for w in grid if w <= temperature])
             if second["met"]:  # otherwise the data reject the wider body at every T: the first choice stands
                 width_record = {**second, "first": {"T": temperature, "body_floor": BODY_COVARIANCE_FLOOR},
                                 "body_floor": temperature}

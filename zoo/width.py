@@ -50,7 +50,10 @@ WIDTH_NOTE = (
     "(zoo.width.width_slack), with that head's covariance pinned at PINNED_HEAD_WIDTH·T (its τ in scales); "
     "in the body κ̄ = max(κ, T₁), T₁ that widest T with κ̄ = max(κ, 1), and T chosen again at "
     "or below T₁ (selection['first']), so Q is never wider than the prior and, where κ < T, equal to it in the "
-    "directions the data did not see; bound: scales fitted on the Taylor bound, s by the kl-bound."
+    "directions the data did not see; given val_loader with at least VALIDATION_WIDTH_PER_CLASS images per class, both "
+    "choices take instead the T on calibration.VALIDATION_WIDTH_GRID (up to 30) with the lowest NLL of the "
+    "predictive on those images (selection['rule'] 'validation'); bound: scales fitted on the Taylor bound, s by "
+    "the kl-bound."
 )
 
 

@@ -28,8 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="the run directory to write (replaced if it exists)")
     p.add_argument("--val", default=None, metavar="DIR",
                    help="labelled held-out images, an ImageFolder with the same class folders: their NLL is "
-                        "recorded every epoch, and with at least 5 per class they set a new head's scale where the "
-                        "training images cannot (one shot per class)")
+                        "recorded every epoch; with at least 5 per class they set a new head's scale where the "
+                        "training images cannot (one shot per class), and with at least 20 per class they also "
+                        "choose the posterior's width T (the one whose predictive is best on them)")
     p.add_argument("--objective", default="catoni", choices=("catoni", "mcallester", "map"))
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--lr", type=float, default=1e-3,
@@ -94,8 +95,8 @@ def _finetune(args: argparse.Namespace) -> int:
     import torch
 
     import zoo
+    from zoo.calibration import VALIDATION_PER_CLASS
     from zoo.certified import certify_data_dependent
-    from zoo.head_evidence import VALIDATION_PER_CLASS
     from zoo.predictive import pinned_heads
     from zoo.tuning import finetune
 
@@ -171,5 +172,11 @@ def _finetune(args: argparse.Namespace) -> int:
         print(f"note: the new head {head!r} {scaled}: its shrinkage tempers the predictions and its spread is pinned, "
               "so the epistemic uncertainty comes from the body; predict with mode='glm' (zoo serve --mode glm), "
               "since 'fast' reads only the head")
+    selection = (posterior.meta.get("width") or {}).get("selection") or {}
+    if selection.get("rule") == "validation":
+        print(f"note: the posterior's width T = {selection['T']:g} was chosen on the {selection['n']} --val images "
+              "(the lowest NLL of its predictive on them)")
+    elif val_loader is not None and "validation_unused" in selection:
+        print(f"note: --val did not choose the posterior's width: {selection['validation_unused']}")
     print(f"posterior written to {out}")
     return 0
