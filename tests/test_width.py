@@ -23,36 +23,36 @@ from zoo.calibration import (
 from zoo.width import width_slack
 
 
-@pytest.fixture(scope="module")
-def confident() -> tuple[zoo.Prior, torch.Tensor, torch.Tensor]:
-    """A confident tiny MLP (labels are its own answers) and a Gaussian around it far wider than its Laplace."""
+def _mlp_prior(n: int, *, flip_held_out: bool = False) -> tuple[zoo.Prior, torch.Tensor, torch.Tensor]:
+    """A confident tiny MLP whose labels are its own answers, its prior built on the first 40 of `n` inputs, and
+    the rest held out (with `flip_held_out`, a third of those labels moved to another class)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
     with torch.no_grad():
         model[2].weight.mul_(8)
-    x = torch.randn(80, 4, dtype=torch.float64)
+    x = torch.randn(n, 4, dtype=torch.float64)
     with torch.no_grad():
         y = model(x).argmax(-1)
+    if flip_held_out:
+        y[40::3] = (y[40::3] + 1) % 3
     prior = zoo.build_prior(model, [(x[:40], y[:40])], holdout=0, progress=False,
                             generator=torch.Generator().manual_seed(0))
-    return prior.scaled(dict.fromkeys(prior.layers, 1e-3)), x[40:], y[40:]
+    return prior, x[40:], y[40:]
+
+
+@pytest.fixture(scope="module")
+def confident() -> tuple[zoo.Prior, torch.Tensor, torch.Tensor]:
+    """The confident MLP and a Gaussian around it far wider than its Laplace."""
+    prior, x, y = _mlp_prior(80)
+    return prior.scaled(dict.fromkeys(prior.layers, 1e-3)), x, y
 
 
 @pytest.fixture(scope="module")
 def narrow() -> tuple[zoo.Prior, torch.Tensor, torch.Tensor]:
     """The same network, its Laplace widened ×10, and held-out labels of which a third are not its answers: still
     overconfident on them, so the held-out NLL wants Q wider yet, past T = 1 but not to the grid's edge."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
-    with torch.no_grad():
-        model[2].weight.mul_(8)
-    x = torch.randn(100, 4, dtype=torch.float64)
-    with torch.no_grad():
-        y = model(x).argmax(-1)
-    y[40::3] = (y[40::3] + 1) % 3
-    prior = zoo.build_prior(model, [(x[:40], y[:40])], holdout=0, progress=False,
-                            generator=torch.Generator().manual_seed(0))
-    return prior.scaled(dict.fromkeys(prior.layers, 0.1)), x[40:], y[40:]
+    prior, x, y = _mlp_prior(100, flip_held_out=True)
+    return prior.scaled(dict.fromkeys(prior.layers, 0.1)), x, y
 
 
 def _select(gaussian: zoo.Prior, x: torch.Tensor, y: torch.Tensor) -> tuple[float, dict]:
