@@ -132,9 +132,12 @@ def test_validation_width_has_the_lowest_held_out_nll_against_a_dense_reference(
 def test_validation_width_needs_enough_images_and_real_labels(narrow) -> None:
     gaussian, x, y = narrow
     few = VALIDATION_WIDTH_PER_CLASS * 3 - 1
+    generator = torch.Generator().manual_seed(0)
+    untouched = generator.get_state()
     t, record = select_width_on_validation(gaussian, [(x[:few], y[:few])], mode="glm", samples=8,
-                                           generator=torch.Generator().manual_seed(0))
+                                           generator=generator)
     assert t is None and f"{few} validation images" in record["unused"] and "grid" not in record
+    assert torch.equal(generator.get_state(), untouched)  # found before any draw: no wasted Kronecker sampling
     with pytest.raises(DataError, match="validation labels must be class indices in \\[0, 3\\)"):
         select_width_on_validation(gaussian, [(x, y + 3)], mode="glm", samples=8,
                                    generator=torch.Generator().manual_seed(0))

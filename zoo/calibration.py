@@ -21,11 +21,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from zoo import metrics
 from zoo.errors import DataError
-from zoo.predictive import Predictor
+from zoo.predictive import Predictor, network_of
 
 if TYPE_CHECKING:
     from zoo.prior import Prior
@@ -69,15 +69,21 @@ def _linear_parts(
     spans: Mapping[str, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(labels, mean logits, deviations) of every batch, one pass of draws for a whole grid of widths."""
+    x, y = gather_batches(batches, empty)
+    predictor = Predictor(gaussian, mode=mode, samples=samples, generator=generator, spans=spans)
+    mean, deviations = predictor.linear_parts(x)
+    return y, mean, deviations
+
+
+def gather_batches(batches: Iterable[Any], empty: str) -> tuple[Tensor, Tensor]:
+    """(images, labels) of every (x, y) batch concatenated; DataError(empty) where there is none."""
     xs, ys = [], []
     for batch in batches:
         xs.append(batch[0])
         ys.append(torch.as_tensor(batch[1]))
     if not xs:
         raise DataError(empty)
-    predictor = Predictor(gaussian, mode=mode, samples=samples, generator=generator, spans=spans)
-    mean, deviations = predictor.linear_parts(torch.cat(xs))
-    return torch.cat(ys).long(), mean, deviations
+    return torch.cat(xs), torch.cat(ys).long()
 
 
 def select_precision_multiplier(
@@ -180,14 +186,6 @@ VALIDATION_WIDTH_PER_CLASS = 20
 predictive far less than a one-shot head's scale does: on benchmarks/transfer.py at 5 and 20 shots (5 seeds, both
 networks) the choice on 5 per class moved NLL by −0.019 to +0.003 with signs that differ between cells, on 20 per
 class it lowered NLL and ECE in every cell (docs/benchmarks.md)."""
-
-
-def validation_shortfall(images: int, classes: int, per_class: int = VALIDATION_PER_CLASS) -> str | None:
-    """Why `images` labelled validation images of `classes` classes are too few to choose on (None: enough)."""
-    if images < per_class * classes:
-        return (f"{images} validation images, fewer than {per_class} per class on average "
-                f"({per_class * classes}): too few to choose on")
-    return None
 TRAIN_LOGLIK_SLACK = 1.92
 """How far (nats, summed over the training set) the predictive may lower the training data's log-likelihood below
 the trained network's: ½·χ²₁(0.95) = 1.92, Wilks' 95% likelihood-ratio interval for the one parameter T."""
@@ -208,6 +206,28 @@ def joint_slack(parameters: int) -> float:
     return 0.5 * float(chi2.ppf(0.95, parameters))
 
 
+def validation_shortfall(y: Tensor, classes: int, per_class: int = VALIDATION_PER_CLASS) -> str | None:
+    """Why validation labels `y` of `classes` classes are too few to choose on (None: enough); a DataError unless
+    every label is a class index, the one check for the head's scale (zoo.head_evidence) and Q's width."""
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= classes):
+        raise DataError(f"validation labels must be class indices in [0, {classes}), like the training labels")
+    if y.numel() < per_class * classes:
+        return (f"{y.numel()} validation images, fewer than {per_class} per class on average "
+                f"({per_class * classes}): too few to choose on")
+    return None
+
+
+def _output_size(model: nn.Module, x: Tensor) -> int:
+    """The network's number of outputs, from one image (eval mode, no gradients)."""
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return int(model(x[:1].to(next(model.parameters()).device)).shape[-1])
+    finally:
+        model.train(training)
+
+
 def select_width_on_validation(
     gaussian: Prior,
     batches: Iterable[Any],
@@ -222,16 +242,14 @@ def select_width_on_validation(
 
     The training data can only reject a width (select_width); held-out images measure the predictive itself, so
     they may also widen Q past its Laplace covariance, as laplace-torch's grid search of the prior precision on a
-    validation set does. Q may depend on any data, so this costs the certificate nothing."""
-    y, mean, deviations = _linear_parts(gaussian, batches, mode, samples, generator,
-                                        "the validation loader yielded no batches to choose Q's width on; pass "
-                                        "labelled held-out images, or val_loader=None")
-    classes = mean.shape[-1]
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= classes):
-        raise DataError(f"validation labels must be class indices in [0, {classes}), like the training labels")
-    shortfall = validation_shortfall(int(y.numel()), classes, VALIDATION_WIDTH_PER_CLASS)
+    validation set does. Q may depend on any data, so this costs the certificate nothing. Too few images are
+    found before any draw is made (a Kronecker draw of a whole network is the expensive part)."""
+    x, y = gather_batches(batches, "the validation loader yielded no batches to choose Q's width on; pass labelled "
+                                   "held-out images, or val_loader=None")
+    shortfall = validation_shortfall(y, _output_size(network_of(gaussian), x), VALIDATION_WIDTH_PER_CLASS)
     if shortfall is not None:
         return None, {"rule": "validation", "unused": shortfall}
+    _, mean, deviations = _linear_parts(gaussian, [(x, y)], mode, samples, generator, "")
     rows, losses = [], []
     for width in grid:
         probs = predictive_probs(mean, deviations, 1.0 / width)

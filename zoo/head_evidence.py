@@ -230,8 +230,7 @@ def _too_few_for_validation(y: Tensor | None, classes: int) -> str | None:
     """Why validation labels cannot set a head's scale (None: they can)."""
     if y is None:
         return "no validation data"
-    _check_labels(y, classes, f"validation labels must be class indices in [0, {classes}), like the training labels")
-    return validation_shortfall(int(y.numel()), classes)
+    return validation_shortfall(y, classes)
 
 
 def _check_labels(y: Tensor, classes: int, message: str) -> None:

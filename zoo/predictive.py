@@ -123,6 +123,14 @@ def classifier_name(model: nn.Module) -> str:
     return linear[-1]
 
 
+def network_of(gaussian: Prior) -> nn.Module:
+    """The network carrying the Gaussian's mean, or a ModelError that says how to attach one."""
+    model = getattr(gaussian, "model", None)
+    if model is None:
+        raise ModelError("this Gaussian does not know its network; load it with zoo.load (which sets .model)")
+    return model
+
+
 class Predictor:
     """A Gaussian's predictive in one mode, with its draws made once (from `seed` or `generator`) and reused."""
 
@@ -145,9 +153,7 @@ class Predictor:
             raise ConfigError(f"samples must be a positive integer, got {samples!r}")
         if spans is not None and check_mode(mode) != "glm":
             raise ConfigError("input spans are exact only for the linearised predictive; use mode='glm'")
-        model = getattr(gaussian, "model", None)
-        if model is None:
-            raise ModelError("this Gaussian does not know its network; load it with zoo.load (which sets .model)")
+        model = network_of(gaussian)
         self.gaussian, self.model, self.mode, self.samples = gaussian, model, check_mode(mode), samples
         self.batch_size = batch_size
         # vmap over draws helps a contiguous network a little and slows a channels_last one down (its pooling

@@ -35,6 +35,7 @@ from zoo.calibration import (
     VALIDATION_PER_CLASS,
     VALIDATION_WIDTH_GRID,
     WIDTH_GRID,
+    gather_batches,
     select_width,
     select_width_on_validation,
 )
@@ -183,7 +184,7 @@ def finetune(
     is re-fitted on the trained body's features at the prior precision its exact Laplace evidence prefers
     (zoo.head_evidence); where the evidence prefers no head at all, at the strongest precision the training data's
     likelihood-ratio interval allows, or, given `val_loader` with at least VALIDATION_PER_CLASS images per class
-    (zoo.head_evidence: 5) on average, at the
+    (zoo.calibration: 5) on average, at the
     precision whose re-fit predicts those images best (one shot per class cannot calibrate its own head; a few
     held-out images can, zoo.head_evidence). Q is then built around that mean. With at least
     VALIDATION_WIDTH_PER_CLASS (20) images per class, `val_loader` also chooses Q's width T, at every shot count:
@@ -270,12 +271,15 @@ def finetune(
         chosen, selection = None, []
         spans = training_spans(blocks, laplace_layers, approx, pieces.unit)  # the same for every κ̄
         pinned = unidentified_heads(head_record)  # their spread would only temper; their shrinkage did that
+        # read once for both choices of T (the loader may decode images from disk)
+        held = None if val_loader is None else [gather_batches(val_loader, "the validation loader yielded no "
+                                                               "batches; pass labelled held-out images, or None")]
 
         def widest(candidate: dict[str, Layer], grid: Sequence[float]) -> tuple[Posterior, float, dict[str, Any]]:
             q = Posterior(mean, candidate, {}, model=model, prior=reference).scaled(pinned)
             unused = None
-            if val_loader is not None:  # held-out images measure the predictive; the training data only reject
-                t, record = select_width_on_validation(q, val_loader, mode=check_mode(None),
+            if held is not None:  # held-out images measure the predictive; the training data only reject
+                t, record = select_width_on_validation(q, held, mode=check_mode(None),
                                                        samples=selection_samples * 2, grid=grid,
                                                        generator=torch.Generator().manual_seed(seed + 3))
                 if t is not None:
@@ -288,7 +292,7 @@ def finetune(
                 record["validation_unused"] = unused
             return q, t, record
 
-        grid = VALIDATION_WIDTH_GRID if val_loader is not None else WIDTH_GRID
+        grid = VALIDATION_WIDTH_GRID if held is not None else WIDTH_GRID
         laplace, temperature, width_record = widest(laplace_layers, grid)
         lowered = body_floor(by_layer, groups, temperature)
         if BODY_FLOOR_FOLLOWS_WIDTH and lowered != floor:  # choose T again, at or below the first choice
