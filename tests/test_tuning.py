@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -350,3 +351,21 @@ def test_a_validation_loader_without_patience_trains_every_epoch(prior_and_model
     with torch.no_grad():
         nll = sum(torch.nn.functional.cross_entropy(post.model(x), y, reduction="sum").item() for x, y in val) / 16
     assert nll == pytest.approx(scores[-1], rel=1e-5) and min(scores) < scores[-1]  # not the best epoch's
+
+
+def test_a_fine_tune_that_does_not_lower_the_training_nll_warns(prior_and_model) -> None:
+    """A learning rate far too high leaves the training NLL above where it started: zoo.finetune says so (warning
+    and record) instead of returning a posterior around an untrained network in silence; a sane one does not."""
+    prior, base = prior_and_model
+    with pytest.warns(tuning.TrainingWarning, match="did not lower the training NLL"):
+        post = finetune(_copy(base), prior, data(5), epochs=5, lr=30.0, progress=False, width="laplace",
+                        generator=torch.Generator().manual_seed(0))
+    record = post.meta["finetune"]
+    assert record["history"][-1]["train_nll"] >= record["start_nll"]
+    assert "lr=30" in record["stalled"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tuning.TrainingWarning)
+        sane = finetune(_copy(base), prior, data(5), epochs=5, lr=1e-2, progress=False, width="laplace",
+                        generator=torch.Generator().manual_seed(0))
+    assert sane.meta["finetune"]["stalled"] is None
+    assert sane.meta["finetune"]["history"][-1]["train_nll"] < sane.meta["finetune"]["start_nll"]
