@@ -43,6 +43,10 @@ def test_demo_json_has_every_step_and_its_outputs_exist(tmp_path: Path, capsys: 
     model, loaded = zoo.load(str(repo))
     assert loaded.meta["kind"] == "posterior" and loaded.meta["classes"] == [str(k) for k in range(10)]
     assert tuple(model.pretrained_cfg["input_size"]) == (3, 32, 32) and model.num_classes == 10
+    # step 5 names Q's width T and the rule that chose it, as the saved posterior records them
+    selection = loaded.meta["width"]["selection"]
+    assert transfer["T"] == selection["T"]
+    assert f"× T = {selection['T']:g}, by the {selection['rule']} rule" in printed
     # steps 5–9 are the seed's, whatever the caller's global torch RNG: the new head used to be drawn from it, so
     # the demo's fine-tune depended on what steps 1–4 had drawn (held-out accuracy 0.58 inside the demo, 0.55 from
     # the same prior alone)
