@@ -363,6 +363,7 @@ def test_cli_finetune_scales_a_one_shot_head_on_val(tmp_path, capsys) -> None:
     printed = capsys.readouterr().out
     n = VALIDATION_WIDTH_PER_CLASS * CLASSES
     assert f"was scaled on the {n} --val images" in printed
+    assert json.loads((out / "prior_config.json").read_text())["finetune"]["lr"] == 3e-4  # the CLI's default
     chosen = json.loads((out / "prior_config.json").read_text())["width"]["selection"]
     assert chosen["rule"] == "validation" and f"width T = {chosen['T']:g} was chosen on the {n} --val images" in printed
     (head,) = json.loads((out / "prior_config.json").read_text())["head_refit"]["heads"].values()

@@ -33,9 +33,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "choose the posterior's width T (the one whose predictive is best on them)")
     p.add_argument("--objective", default="catoni", choices=("catoni", "mcallester", "map"))
     p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--lr", type=float, default=1e-3,
-                   help="Adam's learning rate (default 1e-3; zoo.finetune's 3e-3 suits small networks, pretrained "
-                        "ImageNet networks often want 3e-4)")
+    p.add_argument("--lr", type=float, default=3e-4,
+                   help="Adam's learning rate (default 3e-4, for pretrained ImageNet networks: efficientnet_lite0 on "
+                        "5 digits per class at 64 px reached 0.83 held-out accuracy at 3e-4, 0.81 at 1e-4, 0.62 at "
+                        "1e-3, chance at 3e-3; zoo.finetune's 3e-3 suits small networks trained from scratch)")
     p.add_argument("--shots", type=int, default=None, help="use at most this many images per class")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--delta", type=float, default=0.05)
