@@ -33,7 +33,7 @@ on them; no early stopping, as by default), and a third MAP row picks wd by thei
 then also check ours against that row, the fair comparison for a user who has such images.
 
 Run: .venv/bin/python benchmarks/transfer.py [--seeds 5] [--first-seed 0] [--shots 1 5 20]
-     [--networks efficientnet_gn resnet10t] [--rows map isotropic learned mcallester laplace] [--epochs 30]
+     [--networks efficientnet_gn resnet10t] [--rows map isotropic learned mcallester laplace] [--epochs 30] [--lr 3e-3]
      [--validation K] [--json results.json] [--quick]
 """
 
@@ -512,6 +512,7 @@ def paired(ours: dict[str, Any], baseline: dict[str, Any], key: str) -> dict[str
 
 
 def main() -> None:
+    global LR
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--first-seed", type=int, default=0, help="run seeds first-seed … first-seed + seeds − 1")
@@ -520,6 +521,7 @@ def main() -> None:
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 5, 20])
     parser.add_argument("--networks", nargs="+", default=list(NETWORKS), choices=list(NETWORKS))
     parser.add_argument("--epochs", type=int, default=EPOCHS, help="epochs of every fine-tune (MAP and ours)")
+    parser.add_argument("--lr", type=float, default=LR, help=f"Adam's lr of every fine-tune, MAP and ours ({LR})")
     parser.add_argument("--json", type=Path, default=None, help="write every number to this JSON file")
     parser.add_argument("--max-test", type=int, default=None,
                         help="evaluate on a seeded random subset of at most this many test and OOD images each")
@@ -533,6 +535,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 1 seed, 1 shot, efficientnet_gn, 200 test and 200 OOD images")
     args = parser.parse_args()
+    LR = args.lr  # read by every fit below
     if "laplace" in args.rows and "map" not in args.rows:
         parser.error("--rows laplace fits laplace-torch on the MAP network: add map")
     if args.quick:
