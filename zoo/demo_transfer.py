@@ -42,7 +42,7 @@ class TransferPlan:
 
     Twenty epochs at 3e-4, not fewer and not faster (measured on seeds 0–2, 300 digits): after five the
     network is underfit (training accuracy 0.77, held-out 0.57), and the training data then reject any width, so Q's T
-    falls to 10⁻⁶ and the predictive equals its network, with no epistemic uncertainty anywhere; after twenty (22 s)
+    falls to 10⁻⁶ and the predictive equals its network, with no epistemic uncertainty anywhere; after twenty (14–22 s)
     the training NLL is 0.001–0.014, held-out accuracy 0.86, T = 0.3, and the photos and noise get 2–8× the digits'
     epistemic uncertainty. Adam at 1e-3 or 3e-3 does not train this network at 32 px with BatchNorm in eval mode
     (training NLL 1.48 and 2.64 after twenty epochs, from 2.44)."""

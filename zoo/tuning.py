@@ -158,7 +158,7 @@ def finetune(
     ImageNet networks want about 3e-4: the ImageNet efficientnet_lite0 on 5 digits per class at 64 px reached 0.83
     held-out accuracy at 3e-4, 0.81 at 1e-4, 0.62 at 1e-3 and chance at 3e-3 (30 epochs; with
     norm_statistics="adapt" 0.66, 0.44, 0.57 and 0.14). A TrainingWarning says when the training NLL did not
-    fall. `val_loader` (labelled
+    fall, or stayed near chance. `val_loader` (labelled
     held-out batches) is scored every epoch (`meta["finetune"]["history"]`) and sets a new head's scale where its
     evidence cannot (`refit_head` below); with `patience` set, training also stops after `patience` epochs without
     a lower validation NLL and keeps the best weights. Early stopping is off by default: the trained head's
@@ -350,8 +350,8 @@ def finetune(
 
 
 class TrainingWarning(UserWarning):
-    """zoo.finetune's training did not lower the training NLL: the posterior is built around a network that did not
-    learn the data."""
+    """zoo.finetune's training did not lower the training NLL, or left it near chance: the posterior is built around
+    a network that did not learn the data."""
 
 
 CHANCE_FRACTION = 0.9
@@ -374,7 +374,8 @@ def stalled_training(nll0: float, chance: float, history: Sequence[dict[str, flo
     if not history:
         return None
     kept = history[best[1]] if best is not None else history[-1]
-    advice = "Lower lr (pretrained ImageNet networks usually want about 3e-4 with Adam) or check the labels"
+    advice = ("Lower lr (pretrained ImageNet networks usually want about 3e-4 with Adam), train more epochs if it was "
+              "still falling, or check the labels")
     if kept["train_nll"] >= nll0:
         return (f"fine-tuning did not lower the training NLL ({nll0:.3f} nats at the start, {kept['train_nll']:.3f} "
                 f"over epoch {kept['epoch']}, lr={lr:g}): the posterior is built around a network that did not learn "
