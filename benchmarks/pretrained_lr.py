@@ -17,11 +17,11 @@ import time
 
 import torch
 import torch.nn.functional as F
-from timm.data import create_transform, resolve_data_config
+from timm.data import create_transform
 from torch import Tensor, nn
 
 from zoo.demo import channels_last
-from zoo.demo_transfer import digit_images
+from zoo.demo_transfer import digit_images, input_config
 from zoo.norm_statistics import adapt_norm_statistics
 from zoo.pretrained import efficientnet_lite0
 
@@ -38,9 +38,7 @@ def network(px: int, seed: int) -> tuple[nn.Module, dict]:
     torch.manual_seed(seed)
     model = efficientnet_lite0()
     model.reset_classifier(10)
-    cfg = dict(resolve_data_config(model=model))
-    cfg.update(input_size=(3, px, px), crop_pct=1.0, interpolation="bilinear")
-    return channels_last(model), cfg
+    return channels_last(model), input_config(model, px)
 
 
 def fine_tune(lr: float, norm: str, args: argparse.Namespace) -> dict[str, float]:

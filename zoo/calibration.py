@@ -206,11 +206,17 @@ def joint_slack(parameters: int) -> float:
     return 0.5 * float(chi2.ppf(0.95, parameters))
 
 
+def check_class_labels(y: Tensor, classes: int, message: str) -> None:
+    """DataError(message) unless every label is a class index in [0, classes)."""
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= classes):
+        raise DataError(message)
+
+
 def validation_shortfall(y: Tensor, classes: int, per_class: int = VALIDATION_PER_CLASS) -> str | None:
     """Why validation labels `y` of `classes` classes are too few to choose on (None: enough); a DataError unless
     every label is a class index, the one check for the head's scale (zoo.head_evidence) and Q's width."""
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= classes):
-        raise DataError(f"validation labels must be class indices in [0, {classes}), like the training labels")
+    check_class_labels(y, classes, f"validation labels must be class indices in [0, {classes}), like the training "
+                                   "labels")
     if y.numel() < per_class * classes:
         return (f"{y.numel()} validation images, fewer than {per_class} per class on average "
                 f"({per_class * classes}): too few to choose on")
@@ -249,7 +255,7 @@ def select_width_on_validation(
     shortfall = validation_shortfall(y, _output_size(network_of(gaussian), x), VALIDATION_WIDTH_PER_CLASS)
     if shortfall is not None:
         return None, {"rule": "validation", "unused": shortfall}
-    _, mean, deviations = _linear_parts(gaussian, [(x, y)], mode, samples, generator, "")
+    mean, deviations = Predictor(gaussian, mode=mode, samples=samples, generator=generator).linear_parts(x)
     rows, losses = [], []
     for width in grid:
         probs = predictive_probs(mean, deviations, 1.0 / width)

@@ -65,10 +65,10 @@ the library's 32 the Monte Carlo error alone moved the held-out NLL by 0.05 (0.4
 seed 0) and top-1 on a few digits."""
 
 
-def input_config(model: torch.nn.Module) -> dict[str, Any]:
-    """timm's data config of the network at RESOLUTION px, with no centre crop (digits fill the frame)."""
+def input_config(model: torch.nn.Module, resolution: int = RESOLUTION) -> dict[str, Any]:
+    """timm's data config of the network at `resolution` px, with no centre crop (digits fill the frame)."""
     cfg = dict(resolve_data_config(model=model))
-    cfg.update(input_size=(3, RESOLUTION, RESOLUTION), crop_pct=1.0, interpolation="bilinear")
+    cfg.update(input_size=(3, resolution, resolution), crop_pct=1.0, interpolation="bilinear")
     return cfg
 
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from zoo.calibration import joint_slack, validation_shortfall
+from zoo.calibration import check_class_labels, joint_slack, validation_shortfall
 from zoo.errors import DataError, NumericalError
 from zoo.layers import IsoLayer
 from zoo.prior import Prior
@@ -182,7 +182,7 @@ def refit_new_heads(model: nn.Module, prior: Prior, loader: Iterable[Any], devic
             records[name] = {"refit": False, "reason": f"over {EXACT_LIMIT} dimensions for the exact evidence; "
                              "the trained head is kept"}
             continue
-        _check_labels(y, classes, f"labels must be class indices in [0, {classes}) to re-fit the head {name!r}")
+        check_class_labels(y, classes, f"labels must be class indices in [0, {classes}) to re-fit the head {name!r}")
         z, back = reduce_features(phi)
         table = []
         w_z = torch.zeros(classes, z.shape[1], dtype=torch.float64)
@@ -231,12 +231,6 @@ def _too_few_for_validation(y: Tensor | None, classes: int) -> str | None:
     if y is None:
         return "no validation data"
     return validation_shortfall(y, classes)
-
-
-def _check_labels(y: Tensor, classes: int, message: str) -> None:
-    """DataError(message) unless every label is a class index in [0, classes)."""
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= classes):
-        raise DataError(message)
 
 
 def _best_on_validation(table: list[dict[str, Any]], back: Tensor, phi: Tensor, y: Tensor,
