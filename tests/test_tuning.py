@@ -358,8 +358,8 @@ def test_a_fine_tune_that_does_not_lower_the_training_nll_warns(prior_and_model)
     and record) instead of returning a posterior around an untrained network in silence; a sane one does not."""
     prior, base = prior_and_model
     with pytest.warns(tuning.TrainingWarning, match="did not lower the training NLL"):
-        post = finetune(_copy(base), prior, data(5), epochs=5, lr=30.0, progress=False, width="laplace",
-                        generator=torch.Generator().manual_seed(0))
+        post = finetune(_copy(base), prior, data(5), epochs=5, lr=30.0, lr_retries=0, progress=False,
+                        width="laplace", generator=torch.Generator().manual_seed(0))
     record = post.meta["finetune"]
     assert record["history"][-1]["train_nll"] >= record["start_nll"]
     assert "lr=30" in record["stalled"]
@@ -371,6 +371,38 @@ def test_a_fine_tune_that_does_not_lower_the_training_nll_warns(prior_and_model)
                         lr=3e-2, progress=False, width="laplace", generator=torch.Generator().manual_seed(0))
     assert sane.meta["finetune"]["stalled"] is None
     assert sane.meta["finetune"]["history"][-1]["train_nll"] < sane.meta["finetune"]["start_nll"]
+
+
+def test_a_stalled_fit_restarts_from_its_start_at_a_tenth_of_the_rate(prior_and_model) -> None:
+    """Adam at 30 and at 3 leaves this learnable task's training NLL above its start, at 0.3 it learns it: by
+    default zoo.finetune restarts twice and returns exactly the fit that lr=0.3 gives from the same weights and
+    seed, records both stalled attempts, and does not warn; with the restarts off it warns, and when every
+    attempt stalls the warning names them all."""
+    prior, base = prior_and_model
+    x = torch.randn(24, 4, generator=torch.Generator().manual_seed(5))
+    y = (x @ torch.randn(4, 3, generator=torch.Generator().manual_seed(6))).argmax(1)
+    loader = [(x[i : i + 8], y[i : i + 8]) for i in range(0, 24, 8)]
+    kwargs = {"epochs": 20, "progress": False, "width": "laplace"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tuning.TrainingWarning)
+        restarted = finetune(_copy(base), prior, loader, lr=30.0, generator=torch.Generator().manual_seed(0), **kwargs)
+        direct = finetune(_copy(base), prior, loader, lr=0.3, generator=torch.Generator().manual_seed(0), **kwargs)
+    record = restarted.meta["finetune"]
+    assert record["lr"] == pytest.approx(0.3) and record["requested_lr"] == 30.0 and record["stalled"] is None
+    tried = record["lr_retries"]["stalled"]
+    assert [r["lr"] for r in tried] == pytest.approx([30.0, 3.0])
+    assert all(r["kept_train_nll"] >= record["start_nll"] for r in tried)
+    assert record["history"] == direct.meta["finetune"]["history"]
+    for name, value in direct.mean.items():
+        torch.testing.assert_close(restarted.mean[name], value, rtol=0, atol=0)
+    assert direct.meta["finetune"]["lr_retries"]["stalled"] == []
+    with pytest.warns(tuning.TrainingWarning, match=r"lr=30\b"):
+        finetune(_copy(base), prior, loader, lr=30.0, lr_retries=0, generator=torch.Generator().manual_seed(0),
+                 **kwargs)
+    with pytest.warns(tuning.TrainingWarning, match=r"lr=3\b.*stalled at lr=300, 30"):
+        finetune(_copy(base), prior, loader, lr=300.0, generator=torch.Generator().manual_seed(0), **kwargs)
+    with pytest.raises(zoo.ZooError, match="lr_retries"):
+        finetune(_copy(base), prior, loader, lr_retries=-1, **kwargs)
 
 
 def test_a_fit_that_collapses_to_chance_warns_even_below_its_start() -> None:
