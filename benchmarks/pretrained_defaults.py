@@ -57,7 +57,8 @@ def run(seed: int, lr: float | None, args: argparse.Namespace) -> dict[str, floa
     y = labels[test]
     record = posterior.meta["finetune"]
     width = posterior.meta["width"]["selection"] or {}
-    return {"lr": record["lr"], "restarts": len((record.get("lr_retries") or {}).get("stalled", [])), "fit_s": fit,
+    attempts = (record.get("lr_retries") or {}).get("attempts", [None])
+    return {"lr": record["lr"], "restarts": len(attempts) - 1, "fit_s": fit,
             "T": width.get("T", float("nan")),
             "warned": any(issubclass(w.category, TrainingWarning) for w in caught),
             "acc": metrics.accuracy(pred.probs, y), "nll": metrics.nll(pred.probs, y),

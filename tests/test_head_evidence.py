@@ -359,11 +359,13 @@ def test_cli_finetune_scales_a_one_shot_head_on_val(tmp_path, capsys) -> None:
     save_image_folder(tmp_path / "val", x[per_class], y[per_class], prefix="class")
     out = tmp_path / "run"
     assert cli("finetune", str(upstream_prior_dir()), "--data", str(tmp_path / "data"), "--val", str(tmp_path / "val"),
-               "--out", str(out), "--epochs", "2", "--samples", "4") == 0
+               "--out", str(out), "--epochs", "2", "--samples", "4", "--lr-retries", "1") == 0
     printed = capsys.readouterr().out
     n = VALIDATION_WIDTH_PER_CLASS * CLASSES
     assert f"was scaled on the {n} --val images" in printed
-    assert json.loads((out / "prior_config.json").read_text())["finetune"]["lr"] == 3e-4  # the CLI's default
+    record = json.loads((out / "prior_config.json").read_text())["finetune"]
+    assert record["lr"] == 3e-4 and record["requested_lr"] == 3e-4  # the CLI's default, and it trained
+    assert record["lr_retries"]["allowed"] == 1 and [a["lr"] for a in record["lr_retries"]["attempts"]] == [3e-4]
     chosen = json.loads((out / "prior_config.json").read_text())["width"]["selection"]
     assert chosen["rule"] == "validation" and f"width T = {chosen['T']:g} was chosen on the {n} --val images" in printed
     (head,) = json.loads((out / "prior_config.json").read_text())["head_refit"]["heads"].values()

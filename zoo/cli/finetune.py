@@ -37,6 +37,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="Adam's learning rate (default 3e-4, for pretrained ImageNet networks: efficientnet_lite0 on "
                         "5 digits per class at 64 px reached 0.83 held-out accuracy at 3e-4, 0.81 at 1e-4, 0.62 at "
                         "1e-3, chance at 3e-3; zoo.finetune's 3e-3 suits small networks trained from scratch)")
+    p.add_argument("--lr-retries", type=int, default=2,
+                   help="a fit whose training NLL did not fall, or stayed near chance, restarts from the start at a "
+                        "tenth of the rate, up to this many times (0: never); the run's prior_config.json records "
+                        "the rate used")
     p.add_argument("--shots", type=int, default=None, help="use at most this many images per class")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--delta", type=float, default=0.05)
@@ -137,7 +141,8 @@ def _finetune(args: argparse.Namespace) -> int:
         posterior, cert = run.posterior, run.certificate
         print(run.describe())
     else:
-        posterior = finetune(model, prior, loader, args.objective, epochs=args.epochs, lr=args.lr, delta=args.delta,
+        posterior = finetune(model, prior, loader, args.objective, epochs=args.epochs, lr=args.lr,
+                             lr_retries=args.lr_retries, delta=args.delta,
                              generator=torch.Generator().manual_seed(args.seed), dataset=str(args.data),
                              prior_ref=str(args.prior), head_curvature=args.head_curvature, val_loader=val_loader,
                              **norms)
