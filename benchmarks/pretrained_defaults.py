@@ -6,8 +6,11 @@ restarts from its start at lr / 10 (zoo.tuning.LR_BACKOFF_NOTE). This runs the w
 embedded default prior, `zoo.load(..., num_classes=10, reset_head=True)`, `zoo.finetune(model, prior, train)` and
 `posterior.predict(test)`, all with defaults but for `--epochs`, once at the library default lr (restarts on) and
 once at the 3e-4 the README's quick start passes. It prints the rate each fit ended at, the fit time, Q's width T,
-and the held-out accuracy, NLL and ECE of the posterior's predictive and of its network alone, then the ratios
-default ÷ 3e-4 of the fit times (median over seeds).
+and the held-out accuracy, NLL and ECE of the posterior's predictive (default glm, 32 draws; and `fast` with 1,024
+draws) and of its mean network alone. Per seed it also fits the network a timm user would have without us: a
+plain fine-tune from the same start (the same new head, Adam at 3e-4 on cross-entropy, every weight, eval mode,
+the same epochs and batches, which is what zoo.finetune trains its mean with before the new head's re-fit). It
+ends with the fit-time ratios, medians over seeds: library default ÷ 3e-4, and zoo.finetune ÷ the plain fine-tune.
 
     python benchmarks/pretrained_defaults.py --seeds 0 1 2 --px 64 --per-class 5
 """
@@ -20,7 +23,9 @@ import time
 import warnings
 
 import torch
+import torch.nn.functional as F
 from timm.data import create_transform
+from torch import Tensor, nn
 
 import zoo
 from zoo import metrics
@@ -28,8 +33,12 @@ from zoo.demo import channels_last, embedded_default
 from zoo.demo_transfer import digit_images, input_config
 from zoo.tuning import TrainingWarning
 
+Task = tuple[nn.Module, zoo.Prior, list[tuple[Tensor, Tensor]], Tensor, Tensor]
+PLAIN_LR = 3e-4
 
-def run(seed: int, lr: float | None, args: argparse.Namespace) -> dict[str, float | str]:
+
+def task(seed: int, args: argparse.Namespace) -> Task:
+    """The network with a new head drawn from `seed`, its prior, the training batches, and the held-out digits."""
     images, labels = digit_images()
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     train = torch.cat([order[labels[order] == c][: args.per_class] for c in range(10)])
@@ -39,11 +48,39 @@ def run(seed: int, lr: float | None, args: argparse.Namespace) -> dict[str, floa
     model = channels_last(model)
     transform = create_transform(**input_config(model, args.px))
 
-    def tensors(idx: torch.Tensor) -> torch.Tensor:
+    def tensors(idx: Tensor) -> Tensor:
         return torch.stack([transform(images[i].convert("RGB")) for i in idx.tolist()])
 
-    x_train, x_test = tensors(train), tensors(test)
+    x_train = tensors(train)
     batches = [(x_train[i : i + 50], labels[train][i : i + 50]) for i in range(0, len(train), 50)]
+    return model, prior, batches, tensors(test), labels[test]
+
+
+def scores(probs: Tensor, y: Tensor, prefix: str = "") -> dict[str, float]:
+    return {f"{prefix}acc": metrics.accuracy(probs, y), f"{prefix}nll": metrics.nll(probs, y),
+            f"{prefix}ece": metrics.ece(probs, y)}
+
+
+def plain(seed: int, args: argparse.Namespace) -> dict[str, float]:
+    """The plain fine-tune a timm user would run: zoo.finetune's mean fit without anything Bayesian after it."""
+    model, _, batches, x_test, y_test = task(seed, args)
+    torch.manual_seed(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=PLAIN_LR)
+    model.eval()
+    t0 = time.perf_counter()
+    for _ in range(args.epochs):
+        for x, y in batches:
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    seconds = time.perf_counter() - t0
+    with torch.no_grad():
+        probs = torch.softmax(model(x_test).double(), dim=-1)
+    return {"fit_s": seconds, **scores(probs, y_test)}
+
+
+def run(seed: int, lr: float | None, args: argparse.Namespace) -> dict[str, float | str]:
+    model, prior, batches, x_test, y = task(seed, args)
     options = {} if lr is None else {"lr": lr}
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
@@ -52,19 +89,16 @@ def run(seed: int, lr: float | None, args: argparse.Namespace) -> dict[str, floa
                                  generator=torch.Generator().manual_seed(seed), **options)
     fit = time.perf_counter() - t0
     pred = posterior.predict(x_test, generator=torch.Generator().manual_seed(seed + 1))
+    fast = posterior.predict(x_test, samples=1024, mode="fast", generator=torch.Generator().manual_seed(seed + 1))
     with torch.no_grad():
         network = torch.softmax(posterior.model.eval()(x_test).double(), dim=-1)
-    y = labels[test]
     record = posterior.meta["finetune"]
     width = posterior.meta["width"]["selection"] or {}
     attempts = (record.get("lr_retries") or {}).get("attempts", [None])
     return {"lr": record["lr"], "restarts": len(attempts) - 1, "fit_s": fit,
             "T": width.get("T", float("nan")),
             "warned": any(issubclass(w.category, TrainingWarning) for w in caught),
-            "acc": metrics.accuracy(pred.probs, y), "nll": metrics.nll(pred.probs, y),
-            "ece": metrics.ece(pred.probs, y),
-            "net_acc": metrics.accuracy(network, y), "net_nll": metrics.nll(network, y),
-            "net_ece": metrics.ece(network, y)}
+            **scores(pred.probs, y), **scores(fast.probs, y, "fast_"), **scores(network, y, "net_")}
 
 
 def main() -> None:
@@ -76,26 +110,40 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=300)
     parser.add_argument("--lrs", nargs="+", default=["default", "3e-4"],
                         help="'default' (the library's, with its restarts) and/or rates")
+    parser.add_argument("--no-plain", action="store_true", help="skip the plain fine-tune")
     args = parser.parse_args()
     print(f"efficientnet_lite0 (ImageNet) and its embedded prior; digits at {args.px} px, {args.per_class} per class, "
           f"{args.epochs} epochs; {args.test} held-out digits; predictive = posterior.predict defaults")
-    print("seed  asked   ended   restarts warned  fit s   T       predictive acc/NLL/ECE   network acc/NLL/ECE")
-    ratios = []
+    print("seed  fit          ended   restarts warned  fit s   T       glm (default) acc/NLL/ECE  fast×1024 acc/NLL/ECE"
+          "      mean network acc/NLL/ECE")
+    ratios: dict[str, list[float]] = {}
     for seed in args.seeds:
         times = {}
         for label in args.lrs:
             lr = None if label == "default" else float(label)
             r = run(seed, lr, args)
             times[label] = r["fit_s"]
-            print(f"{seed:<5d} {label:<7s} {r['lr']:<7g} {r['restarts']:<8d} {r['warned']!s:<7s} {r['fit_s']:<7.1f} "
-                  f"{r['T']:<7g} "
-                  f"{r['acc']:.3f} / {r['nll']:.3f} / {r['ece']:.3f}    {r['net_acc']:.3f} / {r['net_nll']:.3f} / "
-                  f"{r['net_ece']:.3f}", flush=True)
-        if "default" in times and "3e-4" in times:
-            ratios.append(times["default"] / times["3e-4"])
-    if ratios:
-        print(f"fit time, library default ÷ lr=3e-4: median {statistics.median(ratios):.2f}× "
-              f"(per seed {', '.join(f'{r:.2f}' for r in ratios)})")
+            print(f"{seed:<5d} {'zoo ' + label:<12s} {r['lr']:<7g} {r['restarts']:<8d} {r['warned']!s:<7s} "
+                  f"{r['fit_s']:<7.1f} {r['T']:<7g} {triple(r)}       {triple(r, 'fast_')}       {triple(r, 'net_')}",
+                  flush=True)
+        if not args.no_plain:
+            r = plain(seed, args)
+            times["plain"] = r["fit_s"]
+            print(f"{seed:<5d} {'plain ' + str(PLAIN_LR):<12s} {PLAIN_LR:<7g} {'-':<8s} {'-':<7s} {r['fit_s']:<7.1f} "
+                  f"{'-':<7s} {'':26s} {'':26s} {triple(r)}", flush=True)
+        for label in args.lrs:
+            if label != "3e-4" and "3e-4" in times:
+                ratios.setdefault(f"zoo.finetune at {label} ÷ at 3e-4", []).append(times[label] / times["3e-4"])
+            if "plain" in times:
+                ratios.setdefault(f"zoo.finetune at {label} ÷ the plain fine-tune", []).append(
+                    times[label] / times["plain"])
+    for name, values in ratios.items():
+        print(f"fit time, {name}: median {statistics.median(values):.2f}× "
+              f"(per seed {', '.join(f'{v:.2f}' for v in values)})")
+
+
+def triple(r: dict[str, float | str], prefix: str = "") -> str:
+    return f"{r[prefix + 'acc']:.3f} / {r[prefix + 'nll']:.3f} / {r[prefix + 'ece']:.3f}"
 
 
 if __name__ == "__main__":

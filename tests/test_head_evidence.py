@@ -340,6 +340,7 @@ def test_finetune_sets_a_one_shot_heads_scale_on_its_val_loader() -> None:
     post, name, head, selection, _ = fit(VALIDATION_WIDTH_PER_CLASS)
     assert head["rule"] == "validation" and selection["rule"] == "validation"
     assert selection["n"] == VALIDATION_WIDTH_PER_CLASS * CLASSES and "validation_unused" not in selection
+    assert selection["antithetic"] is True
     assert selection["T"] == min(selection["grid"], key=lambda r: r["nll"])["T"]
     assert {s["tau"] for layer, s in post.meta["scales"].items() if not layer.startswith(name)} == {selection["T"]}
 

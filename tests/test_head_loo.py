@@ -101,6 +101,7 @@ def test_finetune_checks_q_on_left_out_examples_and_skips_a_pinned_head() -> Non
     in_sample = max((r["T"] for r in selection["grid"] if r["meets"]), default=min(r["T"] for r in selection["grid"]))
     assert selection["T"] == min(in_sample, loo["T"])
     assert selection["rule"].startswith("training likelihood")
+    assert selection["antithetic"] is True and selection["samples"] % 2 == 0  # mirrored draws: half the products
     one_shot, _ = fit(1)
     assert "leave_one_out" not in one_shot.meta["width"]["selection"]
 

@@ -81,6 +81,50 @@ def test_fast_mode_equals_monte_carlo_over_classifier_draws(mlp) -> None:
     assert torch.allclose(fast.probs.double(), probs, atol=5e-3)
 
 
+@pytest.mark.parametrize("mode", ["glm", "fast"])
+def test_antithetic_draws_are_the_first_half_and_their_mirrors(mlp, mode: str) -> None:
+    """Each antithetic draw is the independent predictor's draw on the same stream, followed by its negative; the
+    glm half is still the Jacobian times the tangent (so each pair cost one forward-mode product)."""
+    model, prior, x = mlp
+    paired = Predictor(prior, mode=mode, samples=6, generator=torch.Generator().manual_seed(7), antithetic=True)
+    plain = Predictor(prior, mode=mode, samples=3, generator=torch.Generator().manual_seed(7))
+    mean, dev = paired.linear_parts(x)
+    plain_mean, plain_dev = plain.linear_parts(x)
+    assert dev.shape == (6, x.shape[0], 3)
+    torch.testing.assert_close(mean, plain_mean, rtol=0, atol=0)
+    torch.testing.assert_close(dev[:3], plain_dev, rtol=0, atol=0)
+    torch.testing.assert_close(dev[3:], -plain_dev, rtol=0, atol=0)
+    if mode == "glm":
+        assert len(paired._draws) == 3
+        jac, names = jacobian(model, x)
+        for s, tangent in enumerate(paired._draws):
+            step = torch.cat([tangent[k].reshape(-1) for k in names])
+            assert torch.allclose(dev[s + 3], -(jac @ step), atol=1e-10)
+    logits = paired.logits(x)
+    torch.testing.assert_close(logits, mean[None] + dev)
+
+
+def test_antithetic_glm_covariance_matches_jacobian_times_dense_covariance(mlp) -> None:
+    """Mirrored pairs leave the logit covariance unbiased (the mean of the deviations is exactly zero)."""
+    model, prior, x = mlp
+    jac, names = jacobian(model, x[:2])
+    expected = jac[0] @ dense_covariance(prior, names) @ jac[0].T
+    _, dev = Predictor(prior, mode="glm", samples=2000, seed=1, antithetic=True).linear_parts(x[:2])
+    assert torch.allclose(dev.mean(0), torch.zeros_like(dev[0]), atol=1e-12)
+    got = dev[:, 0, :].T @ dev[:, 0, :] / dev.shape[0]
+    scale = expected.diagonal().sqrt()
+    assert torch.allclose(got.diagonal(), expected.diagonal(), rtol=0.1)
+    assert torch.allclose(got / torch.outer(scale, scale), expected / torch.outer(scale, scale), atol=0.1)
+
+
+def test_antithetic_needs_a_linear_mode_and_even_samples(mlp) -> None:
+    _, prior, _ = mlp
+    with pytest.raises(ConfigError, match="antithetic"):
+        Predictor(prior, mode="nn", samples=4, antithetic=True)
+    with pytest.raises(ConfigError, match="even"):
+        Predictor(prior, mode="glm", samples=5, antithetic=True)
+
+
 def test_nn_mode_is_the_network_under_weight_draws(mlp) -> None:
     model, prior, x = mlp
     predictor = Predictor(prior, mode="nn", samples=3, seed=2)

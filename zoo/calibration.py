@@ -66,11 +66,12 @@ def _scores(probs: Tensor, y: Tensor, network: Tensor | None = None) -> dict[str
 
 def _linear_parts(
     gaussian: Prior, batches: Iterable[Any], mode: str, samples: int, generator: torch.Generator, empty: str,
-    spans: Mapping[str, Tensor] | None = None,
+    spans: Mapping[str, Tensor] | None = None, antithetic: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(labels, mean logits, deviations) of every batch, one pass of draws for a whole grid of widths."""
     x, y = gather_batches(batches, empty)
-    predictor = Predictor(gaussian, mode=mode, samples=samples, generator=generator, spans=spans)
+    predictor = Predictor(gaussian, mode=mode, samples=samples, generator=generator, spans=spans,
+                          antithetic=antithetic)
     mean, deviations = predictor.linear_parts(x)
     return y, mean, deviations
 
@@ -242,6 +243,7 @@ def select_width_on_validation(
     samples: int,
     generator: torch.Generator,
     grid: Sequence[float] = VALIDATION_WIDTH_GRID,
+    antithetic: bool = False,
 ) -> tuple[float | None, dict[str, Any]]:
     """The T whose predictive has the lowest NLL on labelled held-out `batches`; None where they hold fewer than
     VALIDATION_WIDTH_PER_CLASS images per class (the record's `unused` says so; the caller keeps the training rule).
@@ -255,14 +257,16 @@ def select_width_on_validation(
     shortfall = validation_shortfall(y, _output_size(network_of(gaussian), x), VALIDATION_WIDTH_PER_CLASS)
     if shortfall is not None:
         return None, {"rule": "validation", "unused": shortfall}
-    mean, deviations = Predictor(gaussian, mode=mode, samples=samples, generator=generator).linear_parts(x)
+    mean, deviations = Predictor(gaussian, mode=mode, samples=samples, generator=generator,
+                                 antithetic=antithetic).linear_parts(x)
     rows, losses = [], []
     for width in grid:
         probs = predictive_probs(mean, deviations, 1.0 / width)
         rows.append({"T": float(width), **_scores(probs, y)})
         losses.append(metrics.nll_per_example(probs, y))
     best = lowest_with_gaps(rows, losses, range(len(rows)))
-    return rows[best]["T"], {"rule": "validation", "mode": mode, "samples": samples, "n": int(y.shape[0]),
+    return rows[best]["T"], {"rule": "validation", "mode": mode, "samples": samples, "antithetic": antithetic,
+                             "n": int(y.shape[0]),
                              "network": _scores(torch.softmax(mean.double(), dim=-1), y), "T": rows[best]["T"],
                              "met": True, "grid": rows}
 
@@ -277,6 +281,7 @@ def select_width(
     grid: Sequence[float] = WIDTH_GRID,
     spans: Mapping[str, Tensor] | None = None,
     slack: float = TRAIN_LOGLIK_SLACK,
+    antithetic: bool = False,
 ) -> tuple[float, dict[str, Any]]:
     """The widest T (covariance × T) whose predictive the training data do not reject.
 
@@ -285,6 +290,7 @@ def select_width(
     JOINT_LOGLIK_SLACK (zoo.finetune).
 
     `spans` (Predictor) must come from these very batches' layer inputs; they make the draws cheaper, not different.
+    `antithetic` (Predictor) halves the forward-mode products for the same number of samples.
 
     With 5–100 examples no bound and no held-out split can say how wide Q may be (at one shot per class every
     held-out image belongs to a class its fold never saw), and the Laplace evidence prefers widths whose
@@ -295,7 +301,8 @@ def select_width(
     not a per-example, slack: five images can rule out far less than a hundred.
     """
     y, mean, deviations = _linear_parts(gaussian, batches, mode, samples, generator,
-                                        "the training loader yielded no batches to choose the width on", spans)
+                                        "the training loader yielded no batches to choose the width on", spans,
+                                        antithetic)
     reference = _scores(torch.softmax(mean.double(), dim=-1), y)
     rows = []
     for width in grid:
@@ -305,5 +312,6 @@ def select_width(
         rows.append(row)
     feasible = [r for r in rows if r["meets"]]
     chosen = max(feasible, key=lambda r: r["T"]) if feasible else min(rows, key=lambda r: r["T"])
-    return chosen["T"], {"rule": "training likelihood", "mode": mode, "samples": samples, "n": int(y.shape[0]),
+    return chosen["T"], {"rule": "training likelihood", "mode": mode, "samples": samples, "antithetic": antithetic,
+                         "n": int(y.shape[0]),
                          "network": reference, "slack": slack, "T": chosen["T"], "met": bool(feasible), "grid": rows}

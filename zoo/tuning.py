@@ -322,7 +322,7 @@ def finetune(
             unused = None
             if held is not None:  # held-out images measure the predictive; the training data only reject
                 t, record = select_width_on_validation(q, held, mode=check_mode(None),
-                                                       samples=selection_samples * 2, grid=grid,
+                                                       samples=selection_samples * 2, grid=grid, antithetic=True,
                                                        generator=torch.Generator().manual_seed(seed + 3))
                 if t is not None:
                     return q, t, record
@@ -331,7 +331,7 @@ def finetune(
             train_grid = [w for w in grid if w <= WIDTH_GRID[0]]
             t, record = select_width(q, train_loader, mode=check_mode(None), samples=selection_samples * 2,
                                      generator=torch.Generator().manual_seed(seed + 2), spans=spans,
-                                     slack=slack, grid=train_grid)
+                                     slack=slack, grid=train_grid, antithetic=True)
             for head in loo_heads:  # the same test, each example scored without its own curvature in the head
                 loo = head_leave_one_out(q, model, head, train_loader)
                 if isinstance(loo, str):
