@@ -395,6 +395,10 @@ def test_a_stalled_fit_restarts_from_its_start_at_a_tenth_of_the_rate(prior_and_
     tried = record["lr_retries"]["attempts"]
     assert [r["lr"] for r in tried] == pytest.approx([30.0, 3.0, 0.3])
     assert all(r["kept_train_nll"] >= record["start_nll"] for r in tried[:2])
+    # never below 0.9 of chance after half their epochs: both stalled attempts stopped there (GIVE_UP_FRACTION)
+    assert [(r["epochs_run"], r.get("gave_up", False)) for r in tried] == [(10, True), (10, True), (20, False)]
+    # half the epochs, never fewer than 10: a short fit is judged at its end only
+    assert [tuning.give_up_epoch(e) for e in (2, 20, 30, 100)] == [10, 10, 15, 50]
     assert tried[2]["kept_train_nll"] == record["history"][-1]["train_nll"] < 0.1
     assert record["history"] == direct.meta["finetune"]["history"]
     for name, value in direct.mean.items():
@@ -409,6 +413,7 @@ def test_a_stalled_fit_restarts_from_its_start_at_a_tenth_of_the_rate(prior_and_
     lowest = min(attempts, key=lambda a: a["kept_train_nll"])
     assert worst.meta["finetune"]["lr"] == lowest["lr"] and f"lr={lowest['lr']:g})" in str(caught[0].message)
     assert worst.meta["finetune"]["history"][-1]["train_nll"] == lowest["kept_train_nll"]  # its weights are kept
+    assert attempts[-1]["epochs_run"] == 20 and "gave_up" not in attempts[-1]  # no restart left: it runs to the end
     with pytest.raises(zoo.ZooError, match="lr_retries"):
         finetune(_copy(base), prior, loader, lr_retries=-1, **kwargs)
 
