@@ -243,27 +243,27 @@ def finetune(
     start = {k: v.detach().clone() for k, v in model.state_dict().items()} if lr_retries else None
     rate, attempts, kept_best = float(lr), [], None
     while True:  # a stalled fit restarts from the same weights and seed at lr / LR_BACKOFF (LR_BACKOFF_NOTE)
+        can_restart = start is not None and len(attempts) < lr_retries
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             n, nll0, chance = _scan(model, train_loader, device)
             active = _mean_penalty(prior, marglik, mean_penalty)
             # an attempt that can still be restarted stops once it has shown it will not train (GIVE_UP_FRACTION)
-            give_up = (give_up_epoch(epochs), CHANCE_FRACTION * chance) if start is not None and \
-                len(attempts) < lr_retries and chance > 0 else None
+            give_up = (give_up_epoch(epochs), CHANCE_FRACTION * chance) if can_restart and chance > 0 else None
             try:
                 history, best = _train_mean(model, params, train_loader, val_loader, active, objective=objective,
                                             marglik=marglik, n=n, nll0=nll0, delta=delta, epochs=epochs, lr=rate,
                                             patience=patience, device=device, progress=progress, give_up=give_up)
                 error = None
             except NumericalError as err:  # a loss gone non-finite is the clearest case of a rate too high
-                if start is None or len(attempts) >= lr_retries:
+                if not can_restart:
                     raise
                 history, best, error = [], None, str(err)
         kept_nll = math.inf if error else (_kept(history, best)["train_nll"] if history else nll0)
         attempts.append({"lr": rate, "epochs_run": len(history), "kept_train_nll": kept_nll,
                          **({"error": error} if error else {}),
                          **({"gave_up": True} if history and history[-1].get("gave_up") else {})})
-        if start is None or len(attempts) > lr_retries or not (error or needs_restart(nll0, chance, history, best)):
+        if not can_restart or not (error or needs_restart(nll0, chance, history, best)):
             break
         if kept_best is None or kept_nll < kept_best[0]:
             kept_best = (kept_nll, {k: v.detach().clone() for k, v in model.state_dict().items()}, history, best, rate)
