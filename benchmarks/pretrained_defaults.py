@@ -1,16 +1,20 @@
 """zoo.finetune with its library defaults on a real ImageNet network: does the posterior beat its network?
 
 zoo.finetune's default lr (3e-3) was set on the small networks of benchmarks/transfer.py. On the offline ImageNet
-efficientnet_lite0 Adam at that rate collapses to chance (benchmarks/pretrained_lr.py), so a stalled fit now
-restarts from its start at lr / 10 (zoo.tuning.LR_BACKOFF_NOTE). This runs the whole user path, per seed: the
-embedded default prior, `zoo.load(..., num_classes=10, reset_head=True)`, `zoo.finetune(model, prior, train)` and
+efficientnet_lite0 Adam at that rate collapses to chance (benchmarks/pretrained_lr.py), so a stalled fit now restarts
+from its start at lr / 10 (zoo.tuning.LR_BACKOFF_NOTE). This runs the whole user path, per seed: the embedded default
+prior, `zoo.load(..., num_classes=10, reset_head=True)`, `zoo.finetune(model, prior, train)` and
 `posterior.predict(test)`, all with defaults but for `--epochs`, once at the library default lr (restarts on) and
 once at the 3e-4 the README's quick start passes. It prints the rate each fit ended at, the fit time, Q's width T,
 and the held-out accuracy, NLL and ECE of the posterior's predictive (default glm, 32 draws; and `fast` with 1,024
-draws) and of its mean network alone. Per seed it also fits the network a timm user would have without us: a
-plain fine-tune from the same start (the same new head, Adam at 3e-4 on cross-entropy, every weight, eval mode,
-the same epochs and batches, which is what zoo.finetune trains its mean with before the new head's re-fit). It
-ends with the fit-time ratios, medians over seeds: library default ÷ 3e-4, and zoo.finetune ÷ the plain fine-tune.
+draws) and of its mean network alone. Per seed it also fits the MAP networks a timm user would have without us, from
+the same start (the same new head, Adam at 3e-4 in eval mode, every weight, the same epochs and batches): the plain
+fine-tune (cross-entropy alone, which is what zoo.finetune trains its mean with before the new head's re-fit), and
+the fair baseline of benchmarks/transfer.py, L2-SP (decay toward the pretrained body, toward zero for the head) with
+its decay chosen by 5-fold cross-validated NLL on the training shots from (0,) + transfer.WD_GRID, the folds' fits
+counted in its fit time. A third MAP row keeps the decay with the lowest *test* NLL: an oracle, an upper bound on any
+tuned MAP. It ends with the fit-time ratios, medians over seeds: library default ÷ 3e-4, and zoo.finetune ÷ the plain
+fine-tune and ÷ the cross-validated L2-SP MAP.
 
     python benchmarks/pretrained_defaults.py --seeds 0 1 2 --px 64 --per-class 5
 """
@@ -18,12 +22,14 @@ ends with the fit-time ratios, medians over seeds: library default ÷ 3e-4, and 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from timm.data import create_transform
 from torch import Tensor, nn
 
@@ -33,8 +39,16 @@ from zoo.demo import channels_last, embedded_default
 from zoo.demo_transfer import digit_images, input_config
 from zoo.tuning import TrainingWarning
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from digits_task import l2sp_fine_tune
+from transfer import CV_FOLDS, WD_GRID, cv_folds, cv_nll
+
 Task = tuple[nn.Module, zoo.Prior, list[tuple[Tensor, Tensor]], Tensor, Tensor]
 PLAIN_LR = 3e-4
+MAP_WDS = (0.0, *WD_GRID)
+"""The MAP decays tried: 0 (the plain fine-tune) and the digits benchmark's grid."""
+MAP_LABELS = {"plain": "plain (wd 0)", "l2sp_cv": "L2-SP, wd CV", "l2sp_oracle": "L2-SP, oracle"}
 
 
 def task(seed: int, args: argparse.Namespace) -> Task:
@@ -61,22 +75,32 @@ def scores(probs: Tensor, y: Tensor, prefix: str = "") -> dict[str, float]:
             f"{prefix}ece": metrics.ece(probs, y)}
 
 
-def plain(seed: int, args: argparse.Namespace) -> dict[str, float]:
-    """The plain fine-tune a timm user would run: zoo.finetune's mean fit without anything Bayesian after it."""
-    model, _, batches, x_test, y_test = task(seed, args)
-    torch.manual_seed(seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=PLAIN_LR)
-    model.eval()
+def maps(seed: int, args: argparse.Namespace) -> dict[str, dict[str, float | str]]:
+    """The MAP rows: the plain fine-tune (wd = 0), L2-SP with wd by k-fold CV on the shots, and the test oracle."""
+    start, _, train, x_test, y_test = task(seed, args)
+    fits: list[tuple[float, dict[str, float | str]]] = []
+    for wd in MAP_WDS:
+        model = copy.deepcopy(start)
+        seconds = l2sp_fine_tune(model, train, wd, epochs=args.epochs, lr=PLAIN_LR)
+        with torch.no_grad():
+            probs = torch.softmax(model.eval()(x_test).double(), dim=-1)
+        fits.append((wd, {"fit_s": seconds, "wd": wd, **scores(probs, y_test)}))
+    shots_x, shots_y = torch.cat([b[0] for b in train]), torch.cat([b[1] for b in train])
+    fold = cv_folds(shots_y, CV_FOLDS, seed)
+
+    def fold_fit(part: list[tuple[Tensor, Tensor]], wd: float) -> nn.Module:
+        model = copy.deepcopy(start)
+        l2sp_fine_tune(model, part, wd, epochs=args.epochs, lr=PLAIN_LR)
+        return model
+
     t0 = time.perf_counter()
-    for _ in range(args.epochs):
-        for x, y in batches:
-            optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            optimizer.step()
-    seconds = time.perf_counter() - t0
-    with torch.no_grad():
-        probs = torch.softmax(model(x_test).double(), dim=-1)
-    return {"fit_s": seconds, **scores(probs, y_test)}
+    cv = [cv_nll(fold_fit, shots_x, shots_y, fold, wd) for wd in MAP_WDS]
+    cv_seconds = time.perf_counter() - t0
+    chosen = fits[min(range(len(fits)), key=cv.__getitem__)][1]
+    return {"plain": fits[0][1],
+            "l2sp_cv": dict(chosen, fit_s=float(chosen["fit_s"]) + cv_seconds,
+                            cv=", ".join(f"{wd:g}: {v:.3f}" for wd, v in zip(MAP_WDS, cv, strict=True))),
+            "l2sp_oracle": min((f for _, f in fits), key=lambda f: f["nll"])}
 
 
 def run(seed: int, lr: float | None, args: argparse.Namespace) -> dict[str, float | str]:
@@ -110,7 +134,7 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=300)
     parser.add_argument("--lrs", nargs="+", default=["default", "3e-4"],
                         help="'default' (the library's, with its restarts) and/or rates")
-    parser.add_argument("--no-plain", action="store_true", help="skip the plain fine-tune")
+    parser.add_argument("--no-map", action="store_true", help="skip the MAP fine-tunes (plain and L2-SP)")
     args = parser.parse_args()
     print(f"efficientnet_lite0 (ImageNet) and its embedded prior; digits at {args.px} px, {args.per_class} per class, "
           f"{args.epochs} epochs; {args.test} held-out digits; predictive = posterior.predict defaults")
@@ -126,17 +150,19 @@ def main() -> None:
             print(f"{seed:<5d} {'zoo ' + label:<12s} {r['lr']:<7g} {r['restarts']:<8d} {r['warned']!s:<7s} "
                   f"{r['fit_s']:<7.1f} {r['T']:<7g} {triple(r)}       {triple(r, 'fast_')}       {triple(r, 'net_')}",
                   flush=True)
-        if not args.no_plain:
-            r = plain(seed, args)
-            times["plain"] = r["fit_s"]
-            print(f"{seed:<5d} {'plain ' + str(PLAIN_LR):<12s} {PLAIN_LR:<7g} {'-':<8s} {'-':<7s} {r['fit_s']:<7.1f} "
-                  f"{'-':<7s} {'':26s} {'':26s} {triple(r)}", flush=True)
+        if not args.no_map:
+            for key, r in maps(seed, args).items():
+                times[key] = float(r["fit_s"])
+                note = f"wd {r['wd']:g}" + (f" (CV NLL {r['cv']})" if "cv" in r else "")
+                print(f"{seed:<5d} {MAP_LABELS[key]:<13s}{PLAIN_LR:<7g} {'-':<8s} {'-':<7s} {r['fit_s']:<7.1f} "
+                      f"{'-':<7s} {'':26s} {'':26s} {triple(r)}   {note}", flush=True)
         for label in args.lrs:
             if label != "3e-4" and "3e-4" in times:
                 ratios.setdefault(f"zoo.finetune at {label} ÷ at 3e-4", []).append(times[label] / times["3e-4"])
-            if "plain" in times:
-                ratios.setdefault(f"zoo.finetune at {label} ÷ the plain fine-tune", []).append(
-                    times[label] / times["plain"])
+            for key in ("plain", "l2sp_cv"):
+                if key in times:
+                    ratios.setdefault(f"zoo.finetune at {label} ÷ MAP {MAP_LABELS[key]}", []).append(
+                        times[label] / times[key])
     for name, values in ratios.items():
         print(f"fit time, {name}: median {statistics.median(values):.2f}× "
               f"(per seed {', '.join(f'{v:.2f}' for v in values)})")
