@@ -78,13 +78,13 @@ def scores(probs: Tensor, y: Tensor, prefix: str = "") -> dict[str, float]:
 def maps(seed: int, args: argparse.Namespace) -> dict[str, dict[str, float | str]]:
     """The MAP rows: the plain fine-tune (wd = 0), L2-SP with wd by k-fold CV on the shots, and the test oracle."""
     start, _, train, x_test, y_test = task(seed, args)
-    fits: list[tuple[float, dict[str, float | str]]] = []
+    fits: list[dict[str, float | str]] = []
     for wd in MAP_WDS:
         model = copy.deepcopy(start)
         seconds = l2sp_fine_tune(model, train, wd, epochs=args.epochs, lr=PLAIN_LR)
         with torch.no_grad():
             probs = torch.softmax(model.eval()(x_test).double(), dim=-1)
-        fits.append((wd, {"fit_s": seconds, "wd": wd, **scores(probs, y_test)}))
+        fits.append({"fit_s": seconds, "wd": wd, **scores(probs, y_test)})
     shots_x, shots_y = torch.cat([b[0] for b in train]), torch.cat([b[1] for b in train])
     fold = cv_folds(shots_y, CV_FOLDS, seed)
 
@@ -96,11 +96,11 @@ def maps(seed: int, args: argparse.Namespace) -> dict[str, dict[str, float | str
     t0 = time.perf_counter()
     cv = [cv_nll(fold_fit, shots_x, shots_y, fold, wd) for wd in MAP_WDS]
     cv_seconds = time.perf_counter() - t0
-    chosen = fits[min(range(len(fits)), key=cv.__getitem__)][1]
-    return {"plain": fits[0][1],
+    chosen = fits[min(range(len(fits)), key=cv.__getitem__)]
+    return {"plain": fits[0],
             "l2sp_cv": dict(chosen, fit_s=float(chosen["fit_s"]) + cv_seconds,
                             cv=", ".join(f"{wd:g}: {v:.3f}" for wd, v in zip(MAP_WDS, cv, strict=True))),
-            "l2sp_oracle": min((f for _, f in fits), key=lambda f: f["nll"])}
+            "l2sp_oracle": min(fits, key=lambda f: f["nll"])}
 
 
 def run(seed: int, lr: float | None, args: argparse.Namespace) -> dict[str, float | str]:
