@@ -34,7 +34,7 @@ then also check ours against that row, the fair comparison for a user who has su
 
 Run: .venv/bin/python benchmarks/transfer.py [--seeds 5] [--first-seed 0] [--shots 1 5 20]
      [--networks efficientnet_gn resnet10t] [--rows map isotropic learned mcallester laplace] [--epochs 30] [--lr 3e-3]
-     [--validation K] [--json results.json] [--quick]
+     [--validation K] [--mean-penalty reference] [--keep-head] [--json results.json] [--quick]
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ import sys
 import time
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -204,13 +204,19 @@ def run_map(up: Upstream, train: Batches, x: Tensor, y: Tensor, seed: int, epoch
     return oracle[1], oracle[2], fair, by_val
 
 
+def variant_suffix(variant: dict[str, Any]) -> str:
+    """The row label's tail for zoo.finetune opt-ins: ", mean_penalty=reference", ", refit_head=False"."""
+    return "".join(f", {k}={v}" for k, v in variant.items())
+
+
 def run_ours(up: Upstream, train: Batches, x: Tensor, y: Tensor, seed: int, epochs: int, objective: str,
              run_modes: list[str | None], default: str | None, *, isotropic: bool = False,
-             mean_penalty: str | None = None, val: Batches | None = None) -> dict[str, dict]:
+             variant: dict[str, Any] | None = None, val: Batches | None = None) -> dict[str, dict]:
+    """`variant`: zoo.finetune opt-ins (e.g. mean_penalty, refit_head) for a labelled extra row."""
     model, prior = fresh(up, seed)
     if isotropic:
         prior = isotropic_prior(prior)
-    extra = {} if mean_penalty is None else {"mean_penalty": mean_penalty}
+    extra = variant or {}
     t0 = time.perf_counter()
     post = zoo.finetune(model, prior, train, objective=objective, epochs=epochs, lr=LR, progress=False,
                         generator=torch.Generator().manual_seed(seed), val_loader=val, **extra)
@@ -235,8 +241,8 @@ def run_ours(up: Upstream, train: Batches, x: Tensor, y: Tensor, seed: int, epoc
                       kappa=(post.meta.get("strength") or {}).get("kappa"),
                       note=note + (" (head's spread pinned: the mean network's probabilities)" if pinned else ""))
         label = ours_row(objective, mode, default, isotropic=isotropic)
-        rows[label if mean_penalty is None else f"{label}, mean_penalty={mean_penalty}"] = result
-    if objective == "catoni" and default in run_modes and not isotropic and mean_penalty is None:
+        rows[label + variant_suffix(extra)] = result
+    if objective == "catoni" and default in run_modes and not isotropic and not extra:
         t0 = time.perf_counter()
         probs, log_p = softmax_predict(post.model, x)
         ood_probs, _ = softmax_predict(post.model, up.ood_images)
@@ -368,7 +374,7 @@ def validation_split(y: Tensor, per_class: int, seed: int) -> tuple[Tensor, Tens
 
 def run_seed(up: Upstream, shots: int, seed: int, epochs: int, lp: Any,
              max_test: int | None = None, all_weights: bool = True,
-             mean_penalty: str | None = None, groups: frozenset[str] = frozenset(ROW_GROUPS),
+             variants: Sequence[dict[str, Any]] = (), groups: frozenset[str] = frozenset(ROW_GROUPS),
              validation: int | None = None) -> dict[str, dict[str, Any]]:
     train, x, y = downstream(shots, seed)
     val = None
@@ -409,10 +415,10 @@ def run_seed(up: Upstream, shots: int, seed: int, epochs: int, lp: Any,
         rows.update(attempt(ours_row("mcallester", default, default),
                             lambda: run_ours(up, train, x, y, seed, epochs, "mcallester", [default], default,
                                              val=val)) or {})
-    if mean_penalty is not None:  # an opt-in of zoo.finetune, in the default predictive only
-        rows.update(attempt(f"{ours_row('catoni', default, default)}, mean_penalty={mean_penalty}",
-                            lambda: run_ours(up, train, x, y, seed, epochs, "catoni", [default], default,
-                                             mean_penalty=mean_penalty, val=val)) or {})
+    for variant in variants:  # opt-ins of zoo.finetune, in the default predictive only
+        rows.update(attempt(ours_row("catoni", default, default) + variant_suffix(variant),
+                            lambda variant=variant: run_ours(up, train, x, y, seed, epochs, "catoni", [default],
+                                                             default, variant=variant, val=val)) or {})
     if lp is not None and mapped is not None and "laplace" in groups:
         map_model, map_fit = mapped[0], mapped[1]["fit_s"]
         result = attempt(LL_ROW, lambda: run_last_layer(lp, map_model, map_fit, train, up, x, y, seed))
@@ -529,6 +535,9 @@ def main() -> None:
                         help="skip laplace-torch's all-weights row (about 15 minutes per seed on resnet10t, 2 cores)")
     parser.add_argument("--mean-penalty", choices=["reference"], default=None,
                         help="add a learned-prior row fine-tuned with zoo.finetune(mean_penalty=...)")
+    parser.add_argument("--keep-head", action="store_true",
+                        help="add a learned-prior row fine-tuned with zoo.finetune(refit_head=False): the trained "
+                             "new head instead of its evidence re-fit")
     parser.add_argument("--validation", type=int, default=None, metavar="K",
                         help="hold out K test images per class as validation data: ours get them as val_loader, "
                              "and a MAP row picks wd on them")
@@ -536,6 +545,8 @@ def main() -> None:
                         help="smoke run: 1 seed, 1 shot, efficientnet_gn, 200 test and 200 OOD images")
     args = parser.parse_args()
     LR = args.lr  # read by every fit below
+    variants = ([{"mean_penalty": args.mean_penalty}] if args.mean_penalty else []) + (
+        [{"refit_head": False}] if args.keep_head else [])
     if "laplace" in args.rows and "map" not in args.rows:
         parser.error("--rows laplace fits laplace-torch on the MAP network: add map")
     if args.quick:
@@ -560,6 +571,7 @@ def main() -> None:
                                          "seeds": args.seeds, "first_seed": args.first_seed,
                                          "rows": args.rows, "shots": args.shots, "networks": args.networks,
                                          "max_test": args.max_test, "mean_penalty": args.mean_penalty,
+                                         "keep_head": args.keep_head,
                                          "validation_per_class": args.validation,
                                          "modes": run_modes, "default_mode": default,
                                          "laplace_torch": getattr(lp, "__version__", None) if lp else None},
@@ -583,7 +595,7 @@ def main() -> None:
             for seed in range(args.first_seed, args.first_seed + args.seeds):
                 t0 = time.perf_counter()
                 per_seed.append(run_seed(up, shots, seed, args.epochs, lp, args.max_test, args.all_weights,
-                                         args.mean_penalty, frozenset(args.rows), args.validation))
+                                         variants, frozenset(args.rows), args.validation))
                 print(f"  [{network}, {shots} shots, seed {seed}: {time.perf_counter() - t0:.0f} s]", flush=True)
             table = aggregate(per_seed)
             print_table(network, shots, table, args.seeds)
