@@ -134,12 +134,13 @@ def test_cli_finetune_and_certify(tmp_path: Path, capsys: pytest.CaptureFixture[
     out = tmp_path / "run"
     assert cli("finetune", str(upstream_prior_dir()), "--data", str(root), "--out", str(out), "--epochs", "3",
                "--lr", "1e-2", "--shots", "3", "--samples", "5", "--norm-statistics", "adapt",
-               "--resolution", "12", "--head-curvature", "fisher") == 0
+               "--resolution", "12", "--head-curvature", "fisher", "--no-head-refit") == 0
     assert (out / "certificate.json").is_file() and (out / "prior_config.json").is_file()
     assert json.loads((out / "config.json").read_text())["pretrained_cfg"]["input_size"] == [3, 12, 12]
     record = json.loads((out / "prior_config.json").read_text())
     assert record["finetune"]["norm_statistics"]["method"] == "adapt"
     assert record["head_curvature"] == {"method": "fisher", "heads": [], "note": record["head_curvature"]["note"]}
+    assert record["head_refit"]["enabled"] is False and record["head_refit"]["heads"] == {}  # --no-head-refit
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run")]
     capsys.readouterr()
     assert cli("certify", str(out)) == 0
