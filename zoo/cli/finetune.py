@@ -50,8 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-head-refit", action="store_true",
                    help="keep the new head as trained instead of re-fitting it at the precision its evidence prefers "
                         "(zoo.finetune(refit_head=False)); Q's spread then tempers it. Measured better on the ImageNet "
-                        "efficientnet_lite0 at 1 and 5 images per class, worse on small networks trained from scratch "
-                        "(README, 'Where ours still loses')")
+                        "efficientnet_lite0 at 5 images per class, mixed at 1, worse on small networks trained from "
+                        "scratch (README, 'Where ours still loses')")
     p.add_argument("--resolution", type=int, default=None, metavar="PX",
                    help="train at PX × PX (timm's eval transform at that size) and record it in the posterior's "
                         "config.json, so that zoo serve and zoo evaluate preprocess the same way (default: the "
