@@ -109,14 +109,12 @@ def maps(seed: int, args: argparse.Namespace) -> dict[str, dict[str, float | str
 
 def run(seed: int, lr: float | None, args: argparse.Namespace, refit_head: bool = True) -> dict[str, float | str]:
     model, prior, batches, x_test, y = task(seed, args)
-    options: dict[str, float | bool] = {} if lr is None else {"lr": lr}
-    if not refit_head:
-        options["refit_head"] = False
+    options = {} if lr is None else {"lr": lr}
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", TrainingWarning)
         posterior = zoo.finetune(model, prior, batches, epochs=args.epochs, progress=False,
-                                 generator=torch.Generator().manual_seed(seed), **options)
+                                 generator=torch.Generator().manual_seed(seed), refit_head=refit_head, **options)
     fit = time.perf_counter() - t0
     pred = posterior.predict(x_test, generator=torch.Generator().manual_seed(seed + 1))
     fast = posterior.predict(x_test, samples=1024, mode="fast", generator=torch.Generator().manual_seed(seed + 1))
