@@ -42,7 +42,7 @@ from zoo.tuning import TrainingWarning
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from digits_task import l2sp_fine_tune
+from digits_task import class_balanced_batches, l2sp_fine_tune
 from transfer import CV_FOLDS, WD_GRID, cv_folds, cv_nll
 
 Task = tuple[nn.Module, zoo.Prior, list[tuple[Tensor, Tensor]], Tensor, Tensor]
@@ -66,11 +66,7 @@ def task(seed: int, args: argparse.Namespace) -> Task:
     def tensors(idx: Tensor) -> Tensor:
         return torch.stack([transform(images[i].convert("RGB")) for i in idx.tolist()])
 
-    x_train, y_train = tensors(train), labels[train]
-    # `train` is sorted by class: batch b takes every k-th shot from b, so each of the k batches of at most 50 holds
-    # every class (consecutive slices gave batches of five classes each above 5 per class; one batch is unchanged)
-    k = -(-len(train) // 50)
-    batches = [(x_train[b::k], y_train[b::k]) for b in range(k)]
+    batches = class_balanced_batches(tensors(train), labels[train], 50)  # one batch up to 5 per class
     return model, prior, batches, tensors(test), labels[test]
 
 

@@ -60,7 +60,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from digits_task import CLASSES, batches, downstream, l2sp_fine_tune
+from digits_task import CLASSES, class_balanced_batches, downstream, l2sp_fine_tune
 from transfer_task import NETWORKS, Upstream, upstream
 
 import zoo
@@ -160,7 +160,7 @@ def cv_nll(fine_tune: Callable[[Batches, float], nn.Module], x: Tensor, y: Tenso
     total = 0.0
     for f in fold.unique():
         inside = fold != f
-        model = fine_tune(batches(x[inside], y[inside]), wd)
+        model = fine_tune(class_balanced_batches(x[inside], y[inside]), wd)  # every fold batch holds every class
         _, log_p = softmax_predict(model, x[~inside])
         total += -log_p.gather(1, y[~inside, None]).sum().item()
     return total / x.shape[0]
