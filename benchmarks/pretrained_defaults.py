@@ -16,6 +16,8 @@ counted in its fit time. A third MAP row keeps the decay with the lowest *test* 
 tuned MAP. It ends with the fit-time ratios, medians over seeds: library default ÷ 3e-4, and zoo.finetune ÷ the plain
 fine-tune and ÷ the cross-validated L2-SP MAP. `--keep-head` adds, per rate, a fit with `refit_head=False` (row
 "zoo RATE keep"): the trained new head instead of its evidence re-fit, the comparison behind the README's lite0 bullet.
+`--mean-penalty` adds one with `mean_penalty="reference"` (row "zoo RATE l2sp"): the mean trained against L2-SP toward
+the pretrained body at the prior's λ instead of by likelihood alone.
 
     python benchmarks/pretrained_defaults.py --seeds 0 1 2 --px 64 --per-class 5
 """
@@ -29,6 +31,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from timm.data import create_transform
@@ -103,14 +106,16 @@ def maps(seed: int, args: argparse.Namespace) -> dict[str, dict[str, float | str
             "l2sp_oracle": min(fits, key=lambda f: f["nll"])}
 
 
-def run(seed: int, lr: float | None, args: argparse.Namespace, refit_head: bool = True) -> dict[str, float | str]:
+def run(seed: int, lr: float | None, args: argparse.Namespace,
+        variant: dict[str, Any] | None = None) -> dict[str, float | str]:
+    """zoo.finetune with library defaults but `lr` and the opt-ins in `variant` (refit_head, mean_penalty)."""
     model, prior, batches, x_test, y = task(seed, args)
     options = {} if lr is None else {"lr": lr}
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", TrainingWarning)
         posterior = zoo.finetune(model, prior, batches, epochs=args.epochs, progress=False,
-                                 generator=torch.Generator().manual_seed(seed), refit_head=refit_head, **options)
+                                 generator=torch.Generator().manual_seed(seed), **(variant or {}), **options)
     fit = time.perf_counter() - t0
     pred = posterior.predict(x_test, generator=torch.Generator().manual_seed(seed + 1))
     fast = posterior.predict(x_test, samples=1024, mode="fast", generator=torch.Generator().manual_seed(seed + 1))
@@ -137,7 +142,14 @@ def main() -> None:
     parser.add_argument("--no-map", action="store_true", help="skip the MAP fine-tunes (plain and L2-SP)")
     parser.add_argument("--keep-head", action="store_true",
                         help="also fit each rate with refit_head=False (the trained head, not its re-fit)")
+    parser.add_argument("--mean-penalty", action="store_true",
+                        help="also fit each rate with mean_penalty='reference' (L2-SP to the body at the prior's λ)")
     args = parser.parse_args()
+    variants: list[tuple[str, dict[str, Any]]] = [("", {})]
+    if args.keep_head:
+        variants.append((" keep", {"refit_head": False}))
+    if args.mean_penalty:
+        variants.append((" l2sp", {"mean_penalty": "reference"}))
     print(f"efficientnet_lite0 (ImageNet) and its embedded prior; digits at {args.px} px, {args.per_class} per class, "
           f"{args.epochs} epochs; {args.test} held-out digits; predictive = posterior.predict defaults")
     print("seed  fit          ended   restarts warned  fit s   T       glm (default) acc/NLL/ECE  fast×1024 acc/NLL/ECE"
@@ -147,11 +159,11 @@ def main() -> None:
         times = {}
         for label in args.lrs:
             lr = None if label == "default" else float(label)
-            for refit_head in (True, False) if args.keep_head else (True,):
-                r = run(seed, lr, args, refit_head)
-                if refit_head:
+            for suffix, variant in variants:
+                r = run(seed, lr, args, variant)
+                if not variant:
                     times[label] = r["fit_s"]
-                name = f"zoo {label}" + ("" if refit_head else " keep")
+                name = f"zoo {label}{suffix}"
                 print(f"{seed:<5d} {name:<12s} {r['lr']:<7g} {r['restarts']:<8d} {r['warned']!s:<7s} "
                       f"{r['fit_s']:<7.1f} {r['T']:<7g} {triple(r)}       {triple(r, 'fast_')}       "
                       f"{triple(r, 'net_')}", flush=True)
