@@ -453,3 +453,26 @@ def test_a_fit_that_rose_above_its_start_and_recovered_slowly_is_restarted_but_n
     collapsed = [{"epoch": 0, "train_nll": 2.36}, {"epoch": 1, "train_nll": 2.31}]
     assert tuning.needs_restart(2.40, chance, collapsed, None)  # every stall is restarted
     assert not tuning.needs_restart(2.40, chance, [], None)  # epochs=0 trains nothing to judge
+
+
+def test_batches_that_bring_the_classes_in_turn_warn_and_mixed_ones_do_not(prior_and_model) -> None:
+    """A fixed order of class-sorted batches (the few-shot pitfall that handicapped benchmarks/transfer.py's MAP at
+    20 shots) is said; the same examples shuffled by a DataLoader, or in fixed batches that mix the classes, are not."""
+    prior, base = prior_and_model
+    x = torch.randn(48, 4, generator=torch.Generator().manual_seed(7))
+    y = torch.arange(3).repeat_interleave(16)  # sorted by class
+    in_turn = [(x[i : i + 8], y[i : i + 8]) for i in range(0, 48, 8)]  # one class per batch
+    common = {"epochs": 1, "lr_retries": 0, "progress": False, "width": "laplace"}
+    with pytest.warns(tuning.BatchOrderWarning, match=r"batch 1 of 6 holds 1 of the 3 classes in 8 examples \(6 such"):
+        finetune(_copy(base), prior, in_turn, generator=torch.Generator().manual_seed(0), **common)
+    dataset = torch.utils.data.TensorDataset(x, y)
+    with pytest.warns(tuning.BatchOrderWarning, match="Shuffle the data"):
+        finetune(_copy(base), prior, torch.utils.data.DataLoader(dataset, batch_size=8),
+                 generator=torch.Generator().manual_seed(0), **common)
+    mixed = [(x[i::6], y[i::6]) for i in range(6)]  # every batch holds every class
+    shuffled = torch.utils.data.DataLoader(dataset, batch_size=8, shuffle=True,
+                                           generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tuning.BatchOrderWarning)
+        for loader in (mixed, shuffled):
+            finetune(_copy(base), prior, loader, generator=torch.Generator().manual_seed(0), **common)
