@@ -750,7 +750,7 @@ def warn_if_classes_come_in_turn(loader: Iterable[Any], per_batch: Sequence[tupl
     """BatchOrderWarning where a fixed-order loader (a list or tuple of batches, or a DataLoader without shuffling)
     has a batch of at least twice as many examples as there are classes that holds at most half of them: each
     epoch then steps through the classes in turn. Few-shot sets sorted by class do this; in benchmarks/transfer.py at
-    20 shots such batches (three and two classes of five) cost the MAP baseline 1.7 points of accuracy and 0.074 of
+    20 shots such batches (four and two classes of five) cost the MAP baseline 1.7 points of accuracy and 0.074 of
     OOD AUROC. A random order almost never leaves a batch that large so short of classes."""
     fixed = isinstance(loader, list | tuple) or (
         isinstance(loader, DataLoader) and isinstance(loader.sampler, SequentialSampler))
@@ -763,9 +763,9 @@ def warn_if_classes_come_in_turn(loader: Iterable[Any], per_batch: Sequence[tupl
         size, labels = per_batch[short[0]]
         warnings.warn(
             f"the training batches come in the same order every epoch, and batch {short[0] + 1} of {len(per_batch)} "
-            f"holds {len(labels)} of the {len(classes)} classes in {size} examples ({len(short)} such batches): each "
-            "epoch steps through the classes in turn, which trains worse. Shuffle the data "
-            "(torch.utils.data.DataLoader(..., shuffle=True)) or build batches that each mix every class",
+            f"holds {len(labels)} of the {len(classes)} classes in {size} examples ({len(short)} of the batches hold "
+            "half the classes or fewer): each epoch steps through the classes in turn, which trains worse. Shuffle "
+            "the data (torch.utils.data.DataLoader(..., shuffle=True)) or build batches that each mix every class",
             BatchOrderWarning, stacklevel=3)
 
 
