@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 from tqdm.auto import tqdm
 
 from zoo import __version__
@@ -730,9 +730,10 @@ def _scan(model: nn.Module, loader: Iterable[Any],
                                          "for NaN and that they are preprocessed with the model's transforms")
                 n += int(y.shape[0])
                 nll_sum += nll.item()
-                per_batch.append((int(y.shape[0]), {int(v) for v in torch.unique(y).tolist()}))
-                for label, count in zip(*torch.unique(y, return_counts=True), strict=True):
-                    counts[int(label)] = counts.get(int(label), 0) + int(count)
+                labels, label_counts = torch.unique(y, return_counts=True)
+                per_batch.append((int(y.shape[0]), {int(v) for v in labels.tolist()}))
+                for label, count in zip(labels.tolist(), label_counts.tolist(), strict=True):
+                    counts[label] = counts.get(label, 0) + count
     except (OSError, RuntimeError) as err:
         raise DataError(f"could not read the training data ({type(err).__name__}: {err}); check the data folder "
                         "and that the images match the model's input") from err
@@ -752,8 +753,9 @@ def warn_if_classes_come_in_turn(loader: Iterable[Any], per_batch: Sequence[tupl
     epoch then steps through the classes in turn. Few-shot sets sorted by class do this; in benchmarks/transfer.py at
     20 shots such batches (four and two classes of five) cost the MAP baseline 1.7 points of accuracy and 0.074 of
     OOD AUROC. A random order almost never leaves a batch that large so short of classes."""
+    batching = loader.batch_sampler if isinstance(loader, DataLoader) else None  # a custom one may shuffle
     fixed = isinstance(loader, list | tuple) or (
-        isinstance(loader, DataLoader) and isinstance(loader.sampler, SequentialSampler))
+        isinstance(batching, BatchSampler) and isinstance(batching.sampler, SequentialSampler))
     classes = set().union(*(labels for _, labels in per_batch)) if per_batch else set()
     if not fixed or len(per_batch) < 2 or len(classes) < 2:
         return
