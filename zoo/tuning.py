@@ -748,15 +748,16 @@ class BatchOrderWarning(UserWarning):
 
 
 def warn_if_classes_come_in_turn(loader: Iterable[Any], per_batch: Sequence[tuple[int, set[int]]]) -> None:
-    """BatchOrderWarning where a fixed-order loader (a list or tuple of batches, or a DataLoader without shuffling)
-    has a batch of at least twice as many examples as there are classes that holds at most half of them: each
-    epoch then steps through the classes in turn. Few-shot sets sorted by class do this; in benchmarks/transfer.py at
-    20 shots such batches (four and two classes of five) cost the MAP baseline 1.7 points of accuracy and 0.074 of
-    OOD AUROC. A random order almost never leaves a batch that large so short of classes."""
+    """BatchOrderWarning where a fixed-order loader (a list or tuple of batches, or a DataLoader whose BatchSampler
+    draws sequentially, i.e. without shuffling) has a batch of at least twice as many examples as there are classes
+    that holds at most half of them: each epoch then steps through the classes in turn. Few-shot sets sorted by class
+    do this; in benchmarks/transfer.py at 20 shots such batches (four and two classes of five) cost the MAP baseline
+    1.7 points of accuracy and 0.074 of OOD AUROC. A random order almost never leaves a batch that large so short of
+    classes."""
     batching = loader.batch_sampler if isinstance(loader, DataLoader) else None  # a custom one may shuffle
     fixed = isinstance(loader, list | tuple) or (
         isinstance(batching, BatchSampler) and isinstance(batching.sampler, SequentialSampler))
-    classes = set().union(*(labels for _, labels in per_batch)) if per_batch else set()
+    classes = set().union(*(labels for _, labels in per_batch))
     if not fixed or len(per_batch) < 2 or len(classes) < 2:
         return
     short = [i for i, (size, labels) in enumerate(per_batch)
