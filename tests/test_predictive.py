@@ -10,6 +10,7 @@ from torch.func import functional_call
 
 import zoo
 from zoo import ConfigError, DataError
+from zoo.layers import IsoLayer
 from zoo.predictive import MODES, Predictor, summarise
 
 torch.set_default_dtype(torch.float32)
@@ -115,6 +116,60 @@ def test_antithetic_glm_covariance_matches_jacobian_times_dense_covariance(mlp) 
     scale = expected.diagonal().sqrt()
     assert torch.allclose(got.diagonal(), expected.diagonal(), rtol=0.1)
     assert torch.allclose(got / torch.outer(scale, scale), expected / torch.outer(scale, scale), atol=0.1)
+
+
+def test_antithetic_glm_mirrors_about_the_centre_when_the_network_is_off_it() -> None:
+    """A network off the Gaussian's centre c (e.g. a new head still at its initialisation): the mirror of θ_s is
+    2c − θ_s, so its deviation is 2J(c − θ̂) − J(θ_s − θ̂), not −J(θ_s − θ̂)."""
+    model, prior, x = _mlp()
+    with torch.no_grad():
+        model[2].weight.add_(0.5)
+    paired = Predictor(prior, mode="glm", samples=6, generator=torch.Generator().manual_seed(7), antithetic=True)
+    plain = Predictor(prior, mode="glm", samples=3, generator=torch.Generator().manual_seed(7), antithetic=False)
+    _, dev = paired.linear_parts(x)
+    _, plain_dev = plain.linear_parts(x)
+    jac, names = jacobian(model, x)
+    params = dict(model.named_parameters())
+    center = prior.draw_center(model)
+    shift = jac @ torch.cat([(center[k].double() - params[k].detach()).reshape(-1) for k in names])
+    assert shift.abs().max() > 0.1
+    torch.testing.assert_close(dev[:3], plain_dev, rtol=0, atol=0)
+    torch.testing.assert_close(dev[3:], 2 * shift[None] - plain_dev, rtol=0, atol=1e-10)
+
+
+def test_draw_center_is_where_the_draws_average() -> None:
+    """Kronecker layers draw around μ, a new head's N(0, λ⁻¹I) around zero (not around its initialisation)."""
+    model, prior, _ = _mlp()
+    zeros = {k: torch.zeros(3, *shape, dtype=torch.float64) for k, shape in (("2.weight", (6,)), ("2.bias", ()))}
+    mean = {**prior.mean, **zeros}
+    headed = zoo.Prior(mean, {"0": prior.layers["0"], "2": IsoLayer(4.0, ("weight", "bias"))}, {}, model=model)
+    center = headed.draw_center(model)
+    assert set(center) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    torch.testing.assert_close(center["0.weight"].double(), prior.mean["0.weight"].double(), rtol=0, atol=1e-6)
+    assert not torch.allclose(model[2].weight.detach(), torch.zeros(3, 6, dtype=torch.float64))
+    gen = torch.Generator().manual_seed(3)
+    draws = [headed.sample(model, gen) for _ in range(4000)]
+    for k, c in center.items():
+        stack = torch.stack([d[k].double() for d in draws])
+        tolerance = 5 * stack.std(0) / 4000 ** 0.5
+        assert bool(((stack.mean(0) - c.double()).abs() <= tolerance).all()), k
+
+
+def test_antithetic_is_the_default_where_it_halves_the_cost(mlp) -> None:
+    """glm with an even count pairs its draws by default; fast (whose draws cost nothing) and nn draw independently
+    unless asked, as does an odd count."""
+    _, prior, x = mlp
+
+    def run(mode: str, **kwargs: bool) -> zoo.Prediction:
+        return prior.predict(x, samples=8, generator=torch.Generator().manual_seed(5), mode=mode, **kwargs)
+
+    auto, paired, plain = run("glm"), run("glm", antithetic=True), run("glm", antithetic=False)
+    assert auto.antithetic and paired.antithetic and not plain.antithetic
+    assert torch.equal(auto.probs, paired.probs) and not torch.equal(auto.probs, plain.probs)
+    fast, fast_paired = run("fast"), run("fast", antithetic=True)
+    assert not fast.antithetic and fast_paired.antithetic and not torch.equal(fast.probs, fast_paired.probs)
+    assert not run("nn").antithetic
+    assert not prior.predict(x, samples=7, mode="glm").antithetic
 
 
 def test_antithetic_needs_a_linear_mode_and_even_samples(mlp) -> None:

@@ -11,10 +11,13 @@
 All draws are made once per `Predictor` from its seed and shared by every image (common random numbers), so an
 image's prediction does not depend on what else is in the batch: micro-batched and single calls agree.
 
-`antithetic=True` (glm and fast) pairs every draw δ with −δ. Their logits are mean ∓ the same J(x)δ, so each pair
+Antithetic draws (glm and fast, an even number of samples; the default in glm, where they halve the cost) pair every
+draw with its mirror image about the Gaussian's centre. Their logits are the centre's ± the same J(x)δ, so each pair
 costs one forward-mode product instead of two, and the estimate of the softmax average stays unbiased, with its
-odd-order Monte Carlo error cancelled. zoo.finetune's width selection uses it: on efficientnet_lite0 its 2 × 16
-products over the training images were 14 of a 33-second fit.
+odd-order Monte Carlo error cancelled. The mutual information is even in the draw, so pairs do not help it: its
+error is that of samples / 2 independent draws (benchmarks/antithetic.py measures both). A network moved off the
+centre costs one more product per batch, J(x)(c − θ̂), shared by every pair. zoo.finetune's width selection uses
+them too: on efficientnet_lite0 its 2 × 16 products over the training images were 14 of a 33-second fit.
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ class Prediction:
     mutual_information: Tensor  # (N,): H[p̄] − E_s H[p_s], epistemic
     samples: int
     mode: str = "nn"
+    antithetic: bool = False  # half the draws were the other half's mirror images
 
 
 def entropy(p: Tensor) -> Tensor:
@@ -78,7 +82,7 @@ def entropy(p: Tensor) -> Tensor:
     return -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(-1)
 
 
-def summarise(logits: Tensor, mode: str) -> Prediction:
+def summarise(logits: Tensor, mode: str, *, antithetic: bool = False) -> Prediction:
     """The Bayesian model average of (S, N, C) logit draws, with total / aleatoric / epistemic entropy."""
     if not bool(torch.isfinite(logits).all()):
         raise NumericalError("a draw produced non-finite logits; the Gaussian is too wide for this network "
@@ -94,7 +98,7 @@ def summarise(logits: Tensor, mode: str) -> Prediction:
         raise NumericalError(f"mutual information {info.min().item():.3g} < 0; report this")
     info = torch.where(info < 0, torch.zeros_like(info), info)
     return Prediction(probs=mean.float().cpu(), entropy=total.cpu(), expected_entropy=expected.cpu(),
-                      mutual_information=info.cpu(), samples=int(logits.shape[0]), mode=mode)
+                      mutual_information=info.cpu(), samples=int(logits.shape[0]), mode=mode, antithetic=antithetic)
 
 
 def check_mode(mode: str | None) -> str:
@@ -150,16 +154,19 @@ class Predictor:
         batch_size: int = 256,
         spans: Mapping[str, Tensor] | None = None,
         warn_pinned: bool = True,
-        antithetic: bool = False,
+        antithetic: bool | None = None,
     ) -> None:
         """`spans` (glm only) projects each named Kronecker layer's draws onto the inputs it will see (Prior.sample):
         the deviations are then exact only on the images those spans were taken from, e.g. a training set.
         `warn_pinned=False` is for callers that say it themselves (the service logs it once per model).
-        `antithetic` (glm and fast, an even `samples`) draws samples / 2 and adds each one's mirror image."""
+        `antithetic` (glm and fast, an even `samples`) draws samples / 2 and adds each one's mirror image; None (the
+        default) does so where it halves the cost (glm, an even `samples`), False always draws independently."""
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
             raise ConfigError(f"samples must be a positive integer, got {samples!r}")
         if spans is not None and check_mode(mode) != "glm":
             raise ConfigError("input spans are exact only for the linearised predictive; use mode='glm'")
+        if antithetic is None:
+            antithetic = check_mode(mode) == "glm" and samples % 2 == 0
         if antithetic and (check_mode(mode) == "nn" or samples % 2):
             raise ConfigError("antithetic pairs need a mode linear in the draw ('glm' or 'fast') and an even number "
                               f"of samples, got mode {check_mode(mode)!r} and {samples} samples")
@@ -188,6 +195,7 @@ class Predictor:
             self._draws = [_like(gaussian.sample(model, gen, spans=spans), mean) for _ in range(draws)]
             if self.mode == "glm":
                 self._draws = [{k: d[k] - mean[k].detach() for k in d} for d in self._draws]
+                self._offset = self._center_offset(gaussian, model, mean) if antithetic else None
 
     @torch.no_grad()
     def logits(self, images: Tensor) -> Tensor:
@@ -201,7 +209,7 @@ class Predictor:
         training = self.model.training
         self.model.eval()
         try:
-            return summarise(self.logits(images), self.mode)
+            return summarise(self.logits(images), self.mode, antithetic=self.antithetic)
         finally:
             self.model.train(training)
 
@@ -233,20 +241,37 @@ class Predictor:
         mean, dev = self._linear(x)
         return mean[None] + dev
 
+    def _center_offset(self, gaussian: Prior, model: nn.Module, mean: Mapping[str, Tensor]) -> dict[str, Tensor] | None:
+        """c − θ̂, the glm tangent of the draws' centre (None where the network sits on it, as a posterior's does):
+        a mirrored draw 2c − θ_s has tangent 2(c − θ̂) − (θ_s − θ̂)."""
+        center = _like(gaussian.draw_center(model), mean)
+        offset = {k: center[k] - mean[k].detach() for k in self._draws[0]}
+        return offset if any(bool(v.any()) for v in offset.values()) else None
+
     def _linear(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(mean, deviations) of a linear mode, each antithetic draw followed by its mirror half."""
         mean, dev = self._glm_parts(x) if self.mode == "glm" else self._fast_parts(x)
-        return mean, torch.cat([dev, -dev]) if self.antithetic else dev
+        if not self.antithetic:
+            return mean, dev
+        if self.mode == "glm" and self._offset is not None:  # mirrored about the centre, not about θ̂
+            f, primals, names = self._glm_function(x)
+            shift = jvp(f, primals, tuple(self._offset[k] for k in names))[1]
+            return mean, torch.cat([dev, 2 * shift[None] - dev])
+        return mean, torch.cat([dev, -dev])
 
-    def _glm_parts(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """f(x; θ̂) and J(x)(θ_s − θ̂) for every draw, by forward-mode products (vectorised over draws)."""
+    def _glm_function(self, x: Tensor) -> tuple[Callable[..., Tensor], tuple[Tensor, ...], list[str]]:
+        """(f, θ̂, names): the logits on x as a function of the drawn parameters, and where f is linearised."""
         params = {k: v.detach() for k, v in self.model.named_parameters()}
         names = list(self._draws[0])
 
         def f(*values: Tensor) -> Tensor:
             return functional_call(self.model, {**params, **dict(zip(names, values, strict=True))}, (x,))
 
-        primals = tuple(params[k] for k in names)
+        return f, tuple(params[k] for k in names), names
+
+    def _glm_parts(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """f(x; θ̂) and J(x)(θ_s − θ̂) for every draw, by forward-mode products (vectorised over draws)."""
+        f, primals, names = self._glm_function(x)
         mean = f(*primals)
         if self._vectorise:
             try:
@@ -328,7 +353,9 @@ def predict(
     *,
     mode: str | None = None,
     batch_size: int = 256,
+    antithetic: bool | None = None,
 ) -> Prediction:
     """One-off predictive of `images` under `gaussian` (Prior.predict / Posterior.predict call this)."""
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
-    return Predictor(gaussian, mode=mode, samples=samples, generator=gen, batch_size=batch_size)(images)
+    return Predictor(gaussian, mode=mode, samples=samples, generator=gen, batch_size=batch_size,
+                     antithetic=antithetic)(images)
