@@ -120,44 +120,39 @@ class Prior:
 
         `spans` ({Kronecker layer: in × r orthonormal Q}) projects those layers' deviations onto the inputs in
         span(Q) (KronPrecision.sample): exact for a linearised predictive evaluated on those inputs only."""
-        modules = dict(model.named_modules())
-        out: dict[str, Tensor] = {}
-        for name, layer in self.layers.items():
-            module = _module(modules, name)
-            prefix = f"{name}." if name else ""
-            if isinstance(layer, KronLayer):
-                span = None if spans is None else spans.get(name)
-                dev = module.weight.device  # rotated where the network runs: on a GPU, 2 matmuls there per layer
-                draw = layer.precision.sample(1, generator=generator, dtype=torch.float32, span=span, device=dev)[0]
-                full = self._layer_mean(name, module).float().to(dev) + draw
-                out.update({prefix + k: v for k, v in split_matrix(module, full).items()})
-            elif isinstance(layer, DiagLayer):
-                for local, prec in layer.precision.items():
-                    noise = _noise(prec.shape, generator).to(prec.device)
-                    out[prefix + local] = self._mean_of(name, local).float() + noise * prec.float().rsqrt()
-            else:
-                for local in layer.params:
-                    shape = getattr(module, local).shape
-                    noise = _noise(shape, generator)
-                    out[prefix + local] = noise / math.sqrt(layer.lam)
-        params = dict(model.named_parameters())
-        return {k: in_layout_of(v, params[k]) if k in params else v for k, v in out.items()}
+        return self._centred_draw(model, generator, spans, noise=True)
 
     def draw_center(self, model: nn.Module) -> dict[str, Tensor]:
         """The point `sample` draws around, keyed and laid out like a draw: μ, except a new head's N(0, λ⁻¹I),
         centred at zero. An antithetic pair mirrors a draw about it (zoo.predictive)."""
+        return self._centred_draw(model, None, None, noise=False)
+
+    def _centred_draw(self, model: nn.Module, generator: torch.Generator | None,
+                      spans: Mapping[str, Tensor] | None, *, noise: bool) -> dict[str, Tensor]:
         modules = dict(model.named_modules())
         out: dict[str, Tensor] = {}
         for name, layer in self.layers.items():
             module = _module(modules, name)
             prefix = f"{name}." if name else ""
             if isinstance(layer, KronLayer):
-                full = self._layer_mean(name, module).float().to(module.weight.device)
+                dev = module.weight.device  # rotated where the network runs: on a GPU, 2 matmuls there per layer
+                full = self._layer_mean(name, module).float().to(dev)
+                if noise:
+                    span = None if spans is None else spans.get(name)
+                    full = full + layer.precision.sample(1, generator=generator, dtype=torch.float32, span=span,
+                                                         device=dev)[0]
                 out.update({prefix + k: v for k, v in split_matrix(module, full).items()})
             elif isinstance(layer, DiagLayer):
-                out.update({prefix + local: self._mean_of(name, local).float() for local in layer.precision})
+                for local, prec in layer.precision.items():
+                    value = self._mean_of(name, local).float()
+                    if noise:
+                        value = value + _noise(prec.shape, generator).to(prec.device) * prec.float().rsqrt()
+                    out[prefix + local] = value
             else:
-                out.update({prefix + local: torch.zeros(getattr(module, local).shape) for local in layer.params})
+                for local in layer.params:
+                    shape = getattr(module, local).shape  # a new head's N(0, λ⁻¹I) is centred at zero
+                    out[prefix + local] = (_noise(shape, generator) / math.sqrt(layer.lam) if noise
+                                           else torch.zeros(shape))
         params = dict(model.named_parameters())
         return {k: in_layout_of(v, params[k]) if k in params else v for k, v in out.items()}
 
