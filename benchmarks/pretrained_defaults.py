@@ -46,7 +46,7 @@ from zoo.tuning import TrainingWarning
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from digits_task import class_balanced_batches, l2sp_fine_tune
-from transfer import CV_FOLDS, WD_GRID, cv_folds, cv_nll
+from transfer import WD_GRID, cv_choice
 
 Task = tuple[nn.Module, zoo.Prior, list[tuple[Tensor, Tensor]], Tensor, Tensor]
 PLAIN_LR = 3e-4
@@ -88,17 +88,13 @@ def maps(seed: int, args: argparse.Namespace) -> dict[str, dict[str, float | str
         with torch.no_grad():
             probs = torch.softmax(model.eval()(x_test).double(), dim=-1)
         fits.append({"fit_s": seconds, "wd": wd, **scores(probs, y_test)})
-    shots_x, shots_y = torch.cat([b[0] for b in train]), torch.cat([b[1] for b in train])
-    fold = cv_folds(shots_y, CV_FOLDS, seed)
 
     def fold_fit(part: list[tuple[Tensor, Tensor]], wd: float) -> nn.Module:
         model = copy.deepcopy(start)
         l2sp_fine_tune(model, part, wd, epochs=args.epochs, lr=PLAIN_LR)
         return model
 
-    t0 = time.perf_counter()
-    cv = [cv_nll(fold_fit, shots_x, shots_y, fold, wd) for wd in MAP_WDS]
-    cv_seconds = time.perf_counter() - t0
+    cv, cv_seconds = cv_choice(fold_fit, train, MAP_WDS, seed)
     chosen = fits[min(range(len(fits)), key=cv.__getitem__)]
     return {"plain": fits[0],
             "l2sp_cv": dict(chosen, fit_s=float(chosen["fit_s"]) + cv_seconds,

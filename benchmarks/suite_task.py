@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import test_transfer_defaults as suite
 from digits_task import downstream
-from transfer import CV_FOLDS, WD_GRID, cv_folds, cv_nll, paired, softmax_predict
+from transfer import WD_GRID, cv_choice, paired, softmax_predict
 
 import zoo
 from zoo import metrics
@@ -47,10 +47,8 @@ def one_seed(shots: int, seed: int) -> dict[str, dict[str, float]]:
     rows = {"ours": scores(post.predict(x, generator=torch.Generator().manual_seed(seed)).probs, y),
             "ours, mean network": scores(softmax_predict(post.model, x)[0], y)}
     fits = {wd: scores(softmax_predict(suite.l2sp(seed, train, wd), x)[0], y) for wd in WD_GRID}
-    shots_x, shots_y = torch.cat([b[0] for b in train]), torch.cat([b[1] for b in train])
-    fold = cv_folds(shots_y, min(CV_FOLDS, shots_x.shape[0]), seed)
-    fit = functools.partial(suite.l2sp, seed)
-    fair = min(WD_GRID, key=lambda wd: cv_nll(fit, shots_x, shots_y, fold, wd))
+    cv, _ = cv_choice(functools.partial(suite.l2sp, seed), train, WD_GRID, seed)
+    fair = WD_GRID[min(range(len(WD_GRID)), key=cv.__getitem__)]
     oracle = min(WD_GRID, key=lambda wd: fits[wd]["nll"])
     rows["MAP, fair"] = dict(fits[fair], wd=fair)
     rows["MAP, oracle"] = dict(fits[oracle], wd=oracle)

@@ -166,6 +166,16 @@ def cv_nll(fine_tune: Callable[[Batches, float], nn.Module], x: Tensor, y: Tenso
     return total / x.shape[0]
 
 
+def cv_choice(fine_tune: Callable[[Batches, float], nn.Module], train: Batches, grid: Sequence[float],
+              seed: int) -> tuple[list[float], float]:
+    """Each decay's CV_FOLDS-fold cross-validated NLL on the shots in `train` (stratified folds drawn from `seed`;
+    `fine_tune(batches, wd)` fits from the common start), and the seconds all the fold fits took."""
+    t0 = time.perf_counter()
+    x, y = torch.cat([b[0] for b in train]), torch.cat([b[1] for b in train])
+    fold = cv_folds(y, min(CV_FOLDS, x.shape[0]), seed)
+    return [cv_nll(fine_tune, x, y, fold, wd) for wd in grid], time.perf_counter() - t0
+
+
 def run_map(up: Upstream, train: Batches, x: Tensor, y: Tensor, seed: int, epochs: int,
             val: Batches | None = None) -> tuple[nn.Module, dict[str, Any], dict[str, Any], dict[str, Any] | None]:
     """Every wd of the grid on all the shots: the oracle keeps the lowest test NLL (an upper bound, labelled as
@@ -182,17 +192,13 @@ def run_map(up: Upstream, train: Batches, x: Tensor, y: Tensor, seed: int, epoch
         result.update(fit_s=seconds, predict_s=time.perf_counter() - t0, note=f"wd={wd:g}")
         fits.append((wd, model, result))
     oracle = min(fits, key=lambda f: f[2]["nll"])
-    t0 = time.perf_counter()
-    shots_x, shots_y = torch.cat([b[0] for b in train]), torch.cat([b[1] for b in train])
-    fold = cv_folds(shots_y, min(CV_FOLDS, shots_x.shape[0]), seed)
 
     def fold_fit(part: Batches, wd: float) -> nn.Module:
         model, _ = fresh(up, seed)
         l2sp_fine_tune(model, part, wd, epochs=epochs, lr=LR)
         return model
 
-    scores = [cv_nll(fold_fit, shots_x, shots_y, fold, wd) for wd in WD_GRID]
-    cv_seconds = time.perf_counter() - t0
+    scores, cv_seconds = cv_choice(fold_fit, train, WD_GRID, seed)
     chosen = fits[min(range(len(WD_GRID)), key=scores.__getitem__)]
     fair = dict(chosen[2], fit_s=chosen[2]["fit_s"] + cv_seconds,
                 note=f"wd={chosen[0]:g} ({CV_FOLDS}-fold CV NLL; folds' fits counted in fit s)")
