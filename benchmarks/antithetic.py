@@ -88,8 +88,10 @@ def summarise(runs: list[dict[str, Any]], mode: str) -> dict[str, dict[str, floa
             entry[key + "_sd"] = statistics.mean(statistics.stdev(r[key] for r in run[mode][kind]) for run in runs)
             entry[key + "_bias"] = statistics.mean(statistics.mean(r[key] for r in run[mode][kind])
                                                    - run[mode]["reference"][key] for run in runs)
+            entry[key] = statistics.mean(r[key] for run in runs for r in run[mode][kind])
         entry["predict_s"] = statistics.median(r["predict_s"] for run in runs for r in run[mode][kind])
         table[kind] = entry
+    table["reference"] = {key: statistics.mean(run[mode]["reference"][key] for run in runs) for key in KEYS}
     return table
 
 
@@ -118,7 +120,7 @@ def main() -> None:
                       file=sys.stderr, flush=True)
             for mode in args.modes:
                 table = summarise(runs, mode)
-                ind, anti = table["independent"], table["antithetic"]
+                ind, anti, ref = table["independent"], table["antithetic"], table.pop("reference")
                 print(f"\n{network}, {shots} shots per class, mode {mode}")
                 print("| estimator | per-image sd of p̄ | sd NLL | sd ECE | sd AUROC-H | sd AUROC-MI | bias NLL "
                       "| bias AUROC-MI | predict s (median) |")
@@ -128,6 +130,10 @@ def main() -> None:
                           f"{entry['ood_auroc_entropy_sd']:.4f} | {entry['ood_auroc_mi_sd']:.4f} | "
                           f"{entry['nll_bias']:+.4f} | {entry['ood_auroc_mi_bias']:+.4f} | "
                           f"{entry['predict_s']:.2f} |")
+                print("means over fits and draw seeds (NLL / ECE / AUROC-H / AUROC-MI): "
+                      + "; ".join(f"{kind} " + " / ".join(f"{entry[k]:.4f}" for k in KEYS)
+                                  for kind, entry in (("independent", ind), ("antithetic", anti),
+                                                      (f"{args.reference}-draw reference", ref))))
                 print(f"ratios antithetic ÷ independent: per-image sd {anti['spread'] / ind['spread']:.2f}×, "
                       f"sd NLL {anti['nll_sd'] / ind['nll_sd']:.2f}×, "
                       f"sd AUROC-MI {anti['ood_auroc_mi_sd'] / ind['ood_auroc_mi_sd']:.2f}×, "
