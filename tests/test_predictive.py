@@ -155,19 +155,17 @@ def test_draw_center_is_where_the_draws_average() -> None:
         assert bool(((stack.mean(0) - c.double()).abs() <= tolerance).all()), k
 
 
-def test_antithetic_is_the_default_where_it_halves_the_cost(mlp) -> None:
-    """glm with an even count pairs its draws by default; fast (whose draws cost nothing) and nn draw independently
-    unless asked, as does an odd count."""
+def test_antithetic_is_the_default_in_the_linear_modes(mlp) -> None:
+    """glm and fast with an even count pair their draws by default; nn and an odd count draw independently."""
     _, prior, x = mlp
 
     def run(mode: str, **kwargs: bool) -> zoo.Prediction:
         return prior.predict(x, samples=8, generator=torch.Generator().manual_seed(5), mode=mode, **kwargs)
 
-    auto, paired, plain = run("glm"), run("glm", antithetic=True), run("glm", antithetic=False)
-    assert auto.antithetic and paired.antithetic and not plain.antithetic
-    assert torch.equal(auto.probs, paired.probs) and not torch.equal(auto.probs, plain.probs)
-    fast, fast_paired = run("fast"), run("fast", antithetic=True)
-    assert not fast.antithetic and fast_paired.antithetic and not torch.equal(fast.probs, fast_paired.probs)
+    for mode in ("glm", "fast"):
+        auto, paired, plain = run(mode), run(mode, antithetic=True), run(mode, antithetic=False)
+        assert auto.antithetic and paired.antithetic and not plain.antithetic
+        assert torch.equal(auto.probs, paired.probs) and not torch.equal(auto.probs, plain.probs)
     assert not run("nn").antithetic
     assert not prior.predict(x, samples=7, mode="glm").antithetic
 

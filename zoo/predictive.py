@@ -11,13 +11,13 @@
 All draws are made once per `Predictor` from its seed and shared by every image (common random numbers), so an
 image's prediction does not depend on what else is in the batch: micro-batched and single calls agree.
 
-Antithetic draws (glm and fast, an even number of samples; the default in glm, where they halve the cost) pair every
-draw with its mirror image about the Gaussian's centre. Their logits are the centre's ± the same J(x)δ, so each pair
-costs one forward-mode product instead of two, and the estimate of the softmax average stays unbiased, with its
-odd-order Monte Carlo error cancelled. The mutual information is even in the draw, so pairs do not help it: its
-error is that of samples / 2 independent draws (benchmarks/antithetic.py measures both). A network moved off the
-centre costs one more product per batch, J(x)(c − θ̂), shared by every pair. zoo.finetune's width selection uses
-them too: on efficientnet_lite0 its 2 × 16 products over the training images were 14 of a 33-second fit.
+Antithetic draws (glm and fast with an even number of samples; the default there) pair every draw with its mirror
+image about the Gaussian's centre. Their logits are the centre's ± the same J(x)δ, so each pair costs one
+forward-mode product instead of two, and the estimate of the softmax average stays unbiased, with its odd-order
+Monte Carlo error cancelled. The mutual information's second term, E_s H[p_s], is even in the draw, so pairs help
+the mutual information less, and at one or five shots in glm not at all (benchmarks/antithetic.py). A network moved
+off the centre costs one more product per batch, J(x)(c − θ̂), shared by every pair. zoo.finetune's width selection
+uses them too: on efficientnet_lite0 its 2 × 16 products over the training images were 14 of a 33-second fit.
 """
 
 from __future__ import annotations
@@ -160,13 +160,13 @@ class Predictor:
         the deviations are then exact only on the images those spans were taken from, e.g. a training set.
         `warn_pinned=False` is for callers that say it themselves (the service logs it once per model).
         `antithetic` (glm and fast, an even `samples`) draws samples / 2 and adds each one's mirror image; None (the
-        default) does so where it halves the cost (glm, an even `samples`), False always draws independently."""
+        default) does so wherever it applies, False always draws independently."""
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
             raise ConfigError(f"samples must be a positive integer, got {samples!r}")
         if spans is not None and check_mode(mode) != "glm":
             raise ConfigError("input spans are exact only for the linearised predictive; use mode='glm'")
         if antithetic is None:
-            antithetic = check_mode(mode) == "glm" and samples % 2 == 0
+            antithetic = check_mode(mode) != "nn" and samples % 2 == 0
         if antithetic and (check_mode(mode) == "nn" or samples % 2):
             raise ConfigError("antithetic pairs need a mode linear in the draw ('glm' or 'fast') and an even number "
                               f"of samples, got mode {check_mode(mode)!r} and {samples} samples")

@@ -170,8 +170,8 @@ class Prior:
 
         mode "glm" (linearised, the default), "nn" (weight draws through the network) or "fast" (the classifier's
         logit Gaussian, one forward pass); see zoo.predictive. A prior predicts like the network it came from.
-        `antithetic` (default: in glm with an even `samples`; True also in fast) draws samples / 2 weight draws and
-        their mirror images: in glm half the forward-mode products, and less Monte Carlo noise in the probabilities.
+        `antithetic` (default: in glm and fast with an even `samples`) draws samples / 2 weight draws and their
+        mirror images: less Monte Carlo noise in the probabilities, and in glm half the forward-mode products.
         """
         from zoo.predictive import predict
 
