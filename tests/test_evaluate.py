@@ -51,6 +51,7 @@ def test_evaluate_prior_report_agrees_with_its_own_predictive(folders: tuple[Pat
     assert cli("evaluate", str(upstream_prior_dir()), "--data", str(data), "--ood", str(ood), "--out", str(out),
                "--samples", "4", "--mode", "fast") == 0
     assert str(out / "report.html") in capsys.readouterr().out
+    assert "fast mode, 4 samples in antithetic pairs, seed 0" in (out / "report.md").read_text()  # the estimator used
     record = check_report(out)
     m = record["metrics"]
     assert m["n"] == 100 and m["ood_n"] == 40 and record["certificate"] is None

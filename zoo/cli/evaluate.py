@@ -84,21 +84,23 @@ def ood_images(root: str, transform: Any) -> Any:
     return Files()
 
 
-def _predict(model_like: Any, loader: Any, samples: int, mode: str | None, seed: int) -> tuple[Any, Any]:
-    """(report Outputs, labels) over a loader, one generator for all batches so the run is reproducible."""
+def _predict(model_like: Any, loader: Any, samples: int, mode: str | None, seed: int) -> tuple[Any, Any, bool]:
+    """(report Outputs, labels, whether the draws came in antithetic pairs) over a loader, one generator for all
+    batches so the run is reproducible."""
     import torch
 
     from zoo.report import Outputs
 
     gen = torch.Generator().manual_seed(seed)
-    probs, ent, mi, labels = [], [], [], []
+    probs, ent, mi, labels, paired = [], [], [], [], False
     for x, y in loader:
         pred = model_like.predict(x, samples=samples, generator=gen, mode=mode)
         probs.append(pred.probs.double())
         ent.append(pred.entropy.double())
         mi.append(pred.mutual_information.double())
         labels.append(torch.as_tensor(y))
-    return Outputs(torch.cat(probs), torch.cat(ent), torch.cat(mi)), torch.cat(labels)
+        paired = pred.antithetic
+    return Outputs(torch.cat(probs), torch.cat(ent), torch.cat(mi)), torch.cat(labels), paired
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -126,11 +128,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     index = _class_index(list(data.classes), names, num_classes)
     data.target_transform = lambda t: index[t]
     loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, shuffle=False)
-    ind, labels = _predict(model_like, loader, args.samples, args.mode, args.seed)
+    ind, labels, paired = _predict(model_like, loader, args.samples, args.mode, args.seed)
     ood = None
     if args.ood:
         ood_loader = torch.utils.data.DataLoader(ood_images(args.ood, transform), batch_size=args.batch_size)
-        ood, _ = _predict(model_like, ood_loader, args.samples, args.mode, args.seed + 1)
+        ood, _, _ = _predict(model_like, ood_loader, args.samples, args.mode, args.seed + 1)
     certificate = None
     cert_file = Path(args.ref) / CERTIFICATE_FILE
     if cert_file.is_file():
@@ -140,7 +142,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     text = str(Certificate.from_dict(certificate)) if certificate else None
     class_names = names if names is not None else [str(c) for c in range(num_classes)]
     facts = {"model": str(args.ref), "kind": kind, "architecture": prior.meta.get("architecture"),
-             "predictive": f"{args.mode or 'default'} mode, {args.samples} samples, seed {args.seed}",
+             "predictive": f"{args.mode or 'default'} mode, {args.samples} samples"
+                           f"{' in antithetic pairs' if paired else ''}, seed {args.seed}",
              "data": f"{args.data} ({len(data)} images, {len(data.classes)} classes)",
              "ood": f"{args.ood} ({ood.probs.shape[0]} images)" if ood is not None else "none"}
     paths = write_report(args.out, ind, labels, ood=ood, class_names=class_names, facts=facts,
