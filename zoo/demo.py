@@ -177,7 +177,8 @@ def run_demo(json_path: str | None = None, seed: int = 0, *, transfer: bool = Tr
         pred = prior.predict(inputs, samples=SAMPLES, generator=torch.Generator().manual_seed(seed), mode=mode)
         seconds = time.perf_counter() - t0
         print(f"4. the prior's predictive, mode {mode!r}{' (default)' if mode == DEFAULT_MODE else ''}, "
-              f"{SAMPLES} samples, {seconds:.1f} s (nats: total = aleatoric + epistemic)")
+              f"{SAMPLES} samples{' in antithetic pairs' if pred.antithetic else ''}, {seconds:.1f} s "
+              "(nats: total = aleatoric + epistemic)")
         for i, name in enumerate(names):
             label = info.index_to_description(int(pred.probs[i].argmax()))
             rows.append({"mode": mode, "input": name, "label": label, "prob": float(pred.probs[i].max()),

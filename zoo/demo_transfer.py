@@ -140,8 +140,10 @@ def run_transfer(prior_dir: Path, out: Path, ood: list[tuple[str, Image.Image]],
         "network": {"accuracy": metrics.accuracy(network, y_test), "nll": metrics.nll(network, y_test),
                     "ece": metrics.ece(network, y_test)},
     }
-    print(f"7. predictive ({predict.mode}, {plan.samples} samples, {t_pred:.1f} s) on {len(te)} held-out digits: "
-          f"accuracy / NLL / ECE {_row(figures['posterior'])}; the fine-tuned network alone {_row(figures['network'])}")
+    pairs = " in antithetic pairs" if predict.antithetic else ""
+    print(f"7. predictive ({predict.mode}, {plan.samples} samples{pairs}, {t_pred:.1f} s) on {len(te)} held-out "
+          f"digits: accuracy / NLL / ECE {_row(figures['posterior'])}; the fine-tuned network alone "
+          f"{_row(figures['network'])}")
     mi_in = float(predict.mutual_information.mean())
     ood_rows = []
     for (name, _), h, mi in zip(ood, ood_pred.entropy, ood_pred.mutual_information, strict=True):
