@@ -250,37 +250,35 @@ class Predictor:
 
     def _linear(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(mean, deviations) of a linear mode, each antithetic draw followed by its mirror half."""
-        mean, dev = self._glm_parts(x) if self.mode == "glm" else self._fast_parts(x)
+        if self.mode == "glm":
+            mean, dev, shift = self._glm_parts(x)
+        else:
+            (mean, dev), shift = self._fast_parts(x), None
         if not self.antithetic:
             return mean, dev
-        if self.mode == "glm" and self._offset is not None:  # mirrored about the centre, not about θ̂
-            f, primals, names = self._glm_function(x)
-            shift = jvp(f, primals, tuple(self._offset[k] for k in names))[1]
-            return mean, torch.cat([dev, 2 * shift[None] - dev])
-        return mean, torch.cat([dev, -dev])
+        mirror = -dev if shift is None else 2 * shift[None] - dev  # mirrored about the centre, not about θ̂
+        return mean, torch.cat([dev, mirror])
 
-    def _glm_function(self, x: Tensor) -> tuple[Callable[..., Tensor], tuple[Tensor, ...], list[str]]:
-        """(f, θ̂, names): the logits on x as a function of the drawn parameters, and where f is linearised."""
+    def _glm_parts(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """f(x; θ̂), J(x)(θ_s − θ̂) for every draw by forward-mode products (vectorised over draws), and J(x)(c − θ̂)
+        where antithetic pairs are mirrored about a centre c off the network (else None)."""
         params = {k: v.detach() for k, v in self.model.named_parameters()}
         names = list(self._draws[0])
 
         def f(*values: Tensor) -> Tensor:
             return functional_call(self.model, {**params, **dict(zip(names, values, strict=True))}, (x,))
 
-        return f, tuple(params[k] for k in names), names
-
-    def _glm_parts(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """f(x; θ̂) and J(x)(θ_s − θ̂) for every draw, by forward-mode products (vectorised over draws)."""
-        f, primals, names = self._glm_function(x)
+        primals = tuple(params[k] for k in names)
         mean = f(*primals)
+        shift = None if self._offset is None else jvp(f, primals, tuple(self._offset[k] for k in names))[1]
         if self._vectorise:
             try:
                 return mean, torch.cat([self._glm_chunk(f, primals, names, start)
-                                        for start in range(0, len(self._draws), GLM_CHUNK)])
+                                        for start in range(0, len(self._draws), GLM_CHUNK)]), shift
             except RuntimeError:  # a module vmap cannot batch (e.g. an in-place op on a batched tangent)
                 self._vectorise = False
         devs = [jvp(f, primals, tuple(t[k] for k in names))[1] for t in self._draws]
-        return mean, torch.stack(devs)
+        return mean, torch.stack(devs), shift
 
     def _glm_chunk(self, f: Callable[..., Tensor], primals: tuple[Tensor, ...], names: list[str],
                    start: int) -> Tensor:
