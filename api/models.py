@@ -9,7 +9,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,7 @@ class MapPredictor:
 
     mode = "map"
     samples = 1
+    antithetic = False
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -46,7 +47,14 @@ class MapPredictor:
                           samples=1, mode="map")
 
 
-Predict = Callable[[Tensor], Any]
+class Predict(Protocol):
+    """A served predictor: zoo.predictive.Predictor, or MapPredictor for the network alone."""
+
+    mode: str
+    samples: int
+    antithetic: bool
+
+    def __call__(self, images: Tensor) -> Any: ...
 
 
 @dataclass

@@ -22,6 +22,8 @@ class Health(BaseModel):
 class PredictiveInfo(BaseModel):
     mode: str = Field(description="glm | nn | fast (zoo.predictive), or map: the network alone")
     samples: int = Field(description="default weight or function-space draws per prediction")
+    antithetic: bool = Field(description="whether those draws come in mirrored pairs (half the draws, each with its "
+                             "mirror image about the Gaussian's centre): glm and fast with an even samples")
     note: str | None = Field(default=None, description="what this mode leaves out for this model, if anything (e.g. "
                              "no epistemic uncertainty in fast mode where the classifier's spread is pinned)")
 

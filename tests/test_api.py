@@ -57,7 +57,7 @@ def test_models_lists_what_is_served(server: Server, repo: Path) -> None:
     assert body == {"models": [{
         "name": NAME, "architecture": "test_efficientnet_gn", "num_classes": 5, "labels": TINY_LABELS,
         "kind": "prior", "source": str(repo), "certificate": None,
-        "predictive": {"mode": "fast", "samples": 32, "note": None},
+        "predictive": {"mode": "fast", "samples": 32, "antithetic": True, "note": None},
     }]}
 
 
@@ -325,6 +325,8 @@ def test_micro_batching_returns_the_unbatched_numbers(repo: Path) -> None:
         assert _batch_mean(batched.url) > 1  # they really shared forward passes
         # nn draws weights once at startup: a request may use fewer draws, never more than were made
         assert predict(batched.url, images[0], samples=4).json()["samples"] == 4
+        (info,) = httpx.get(f"{batched.url}/v1/models").json()["models"]
+        assert info["predictive"] == {"mode": "nn", "samples": 8, "antithetic": False, "note": None}  # nn: no pairs
         r = predict(batched.url, images[0], samples=9)
         assert r.status_code == 422 and "--samples" in r.json()["error"]
     for a, b in zip(one_by_one, together, strict=True):

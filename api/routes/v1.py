@@ -34,7 +34,7 @@ def model_info(served: ServedModel) -> ModelInfo:
         kind="posterior" if served.kind == "posterior" else "prior", source=served.source,
         certificate=served.certificate,
         predictive=PredictiveInfo(mode=served.mode, samples=1 if served.mode == "map" else served.samples,
-                                  note=served.note),
+                                  antithetic=served.predictor().antithetic, note=served.note),
     )
 
 
