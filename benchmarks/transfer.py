@@ -176,11 +176,13 @@ def cv_choice(fine_tune: Callable[[Batches, float], nn.Module], train: Batches, 
     return [cv_nll(fine_tune, x, y, fold, wd) for wd in grid], time.perf_counter() - t0
 
 
-def run_map(up: Upstream, train: Batches, x: Tensor, y: Tensor, seed: int, epochs: int,
-            val: Batches | None = None) -> tuple[nn.Module, dict[str, Any], dict[str, Any], dict[str, Any] | None]:
+def run_map(
+    up: Upstream, train: Batches, x: Tensor, y: Tensor, seed: int, epochs: int, val: Batches | None = None,
+) -> tuple[nn.Module, dict[str, Any], dict[str, Any], dict[str, Any] | None, nn.Module]:
     """Every wd of the grid on all the shots: the oracle keeps the lowest test NLL (an upper bound, labelled as
     such); the fair row keeps the lowest k-fold cross-validated NLL on the shots, and pays for the folds' fits;
-    with `val`, a third row keeps the lowest NLL on those held-out images."""
+    with `val`, a third row keeps the lowest NLL on those held-out images. Returns (oracle network, oracle row,
+    fair row, validation row or None, fair network)."""
     fits: list[tuple[float, nn.Module, dict[str, Any]]] = []
     for wd in WD_GRID:
         model, _ = fresh(up, seed)
@@ -207,7 +209,7 @@ def run_map(up: Upstream, train: Batches, x: Tensor, y: Tensor, seed: int, epoch
         val_nll = [metrics.nll(softmax_predict(model, val[0][0])[1], val[0][1], from_log=True) for _, model, _ in fits]
         wd, _, result = fits[min(range(len(fits)), key=val_nll.__getitem__)]
         by_val = dict(result, note=f"wd={wd:g} (NLL on {val[0][1].numel()} validation images)")
-    return oracle[1], oracle[2], fair, by_val
+    return oracle[1], oracle[2], fair, by_val, chosen[1]
 
 
 def variant_suffix(variant: dict[str, Any]) -> str:
