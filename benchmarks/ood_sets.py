@@ -73,6 +73,13 @@ def one_seed(network: str, shots: int, seed: int, max_test: int, with_map: bool)
     return out
 
 
+def paired_auroc(rows: list[tuple[float, ...]], ours: int, other: int) -> str:
+    """Column `ours` − column `other` of one OOD set's per-seed AUROCs, paired over seeds: "mean ± SE"."""
+    d = paired({"per_seed": [{"auroc": r[ours]} for r in rows]}, {"per_seed": [{"auroc": r[other]} for r in rows]},
+               "auroc")
+    return f"{d['paired_diff']:+.3f} ± {d['paired_se']:.3f}" if d else "–"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--network", choices=list(NETWORKS), default="efficientnet_gn")
@@ -89,11 +96,9 @@ def main() -> None:
         print("|---|---|---|---|---|")
         for name in runs[0]:
             rows = [r[name] for r in runs]
-            d = paired({"per_seed": [{"auroc": r[1]} for r in rows]}, {"per_seed": [{"auroc": r[0]} for r in rows]},
-                       "auroc")
-            diff = f"{d['paired_diff']:+.3f} ± {d['paired_se']:.3f}" if d else "–"
             means = [statistics.mean(r[i] for r in rows) for i in range(3)]
-            print(f"| {name} | {means[0]:.3f} | {means[1]:.3f} | {diff} | {means[2]:.3f} |", flush=True)
+            print(f"| {name} | {means[0]:.3f} | {means[1]:.3f} | {paired_auroc(rows, 1, 0)} | {means[2]:.3f} |",
+                  flush=True)
         if args.map:
             print("\n| OOD set | predictive (entropy) | MAP, wd by CV | paired Δ | MAP, wd best on test | paired Δ |")
             print("|---|---|---|---|---|---|")
@@ -101,10 +106,7 @@ def main() -> None:
                 rows = [r[name] for r in runs]
                 cells = [f"{statistics.mean(r[1] for r in rows):.3f}"]
                 for i in (3, 4):
-                    d = paired({"per_seed": [{"auroc": r[1]} for r in rows]},
-                               {"per_seed": [{"auroc": r[i]} for r in rows]}, "auroc")
-                    cells += [f"{statistics.mean(r[i] for r in rows):.3f}",
-                              f"{d['paired_diff']:+.3f} ± {d['paired_se']:.3f}" if d else "–"]
+                    cells += [f"{statistics.mean(r[i] for r in rows):.3f}", paired_auroc(rows, 1, i)]
                 print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
 
