@@ -65,6 +65,7 @@ from transfer_task import NETWORKS, Upstream, upstream
 
 import zoo
 from zoo import metrics
+from zoo.calibration import gather_batches
 from zoo.predictive import PinnedHeadWarning
 from zoo.tuning import isotropic_prior
 
@@ -171,7 +172,7 @@ def cv_choice(fine_tune: Callable[[Batches, float], nn.Module], train: Batches, 
     """Each decay's CV_FOLDS-fold cross-validated NLL on the shots in `train` (stratified folds drawn from `seed`;
     `fine_tune(batches, wd)` fits from the common start), and the seconds all the fold fits took."""
     t0 = time.perf_counter()
-    x, y = torch.cat([b[0] for b in train]), torch.cat([b[1] for b in train])
+    x, y = gather_batches(train, "no training batches to cross-validate on")
     fold = cv_folds(y, min(CV_FOLDS, x.shape[0]), seed)
     return [cv_nll(fine_tune, x, y, fold, wd) for wd in grid], time.perf_counter() - t0
 

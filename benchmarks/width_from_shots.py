@@ -6,9 +6,9 @@ rule), then T on a grid chosen by:
   V₋ᵢ = (Vᵢ⁻¹ − Hᵢ)⁻¹ (Hᵢ the softmax Hessian at the network, Vᵢ the logit covariance of Q estimated from
   `--loo-samples` antithetic draws), and its mean moved by one Newton step, f₋ᵢ = fᵢ + V₋ᵢ(pᵢ − yᵢ); T minimises
   the shots' leave-one-out NLL. No refit: it costs the draws on the shots.
-- **k-fold cross-validation**: one default fit per fold on the other folds' shots (stratified by class), its glm
-  predictive scored on the held-out fold at every T (relative to that fit's own T); T minimises the summed NLL.
-  It costs k more fits.
+- **k-fold cross-validation**: one default fit per fold on the other folds' shots (transfer.cv_folds: stratified
+  by class), its glm predictive scored on the held-out fold at every T (relative to that fit's own T); T
+  minimises the summed NLL. It costs k more fits.
 - **oracle**: the T with the lowest NLL on the test images themselves (a bound on what any rule could gain).
 
 Each T is applied to the full-data posterior by rescaling its covariance, and scored on the test images and the
@@ -34,12 +34,12 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from digits_task import class_balanced_batches, downstream
-from transfer import EPOCHS, LR, fresh, subsample
+from transfer import EPOCHS, LR, cv_folds, fresh, subsample
 from transfer_task import NETWORKS, Upstream, upstream
 
 import zoo
 from zoo import metrics
-from zoo.calibration import predictive_probs
+from zoo.calibration import gather_batches, predictive_probs
 from zoo.predictive import PinnedHeadWarning, Predictor, entropy
 
 GRID = (30.0, 10.0, 3.0, 1.0, 0.3, 0.1, 0.03, 0.01, 1e-3)
@@ -87,17 +87,8 @@ def leave_one_out_nll(
     return out, largest
 
 
-def stratified_folds(y: Tensor, k: int, seed: int) -> Tensor:
-    gen = torch.Generator().manual_seed(500 + seed)
-    fold = torch.empty_like(y)
-    for c in y.unique():
-        idx = (y == c).nonzero()[:, 0]
-        fold[idx[torch.randperm(idx.numel(), generator=gen)]] = torch.arange(idx.numel()) % k
-    return fold
-
-
 def cross_validated_nll(up: Upstream, seed: int, x: Tensor, y: Tensor, k: int, samples: int) -> dict[float, float]:
-    fold = stratified_folds(y, k, seed)
+    fold = cv_folds(y, k, 500 + seed)  # the MAP baseline's stratified folds, drawn apart from its seeds
     total = dict.fromkeys(GRID, 0.0)
     for f in range(k):
         post, t_fit = default_fit(up, seed, class_balanced_batches(x[fold != f], y[fold != f]))
@@ -111,7 +102,7 @@ def run_seed(up: Upstream, shots: int, seed: int, args: argparse.Namespace) -> d
     train, x, y = downstream(shots, seed)
     keep = subsample(x.shape[0], args.max_test, 10_000 + seed)
     x, y = x[keep], y[keep]
-    xt, yt = torch.cat([b[0] for b in train]), torch.cat([torch.as_tensor(b[1]) for b in train]).long()
+    xt, yt = gather_batches(train, "the task has no training batches")
     post, t_default = default_fit(up, seed, train)
     test_mean, test_dev = glm_parts(post, torch.cat([x, up.ood_images]), args.samples, 8)
     n = x.shape[0]
